@@ -1,0 +1,1031 @@
+#!/usr/bin/env python3
+"""pymq: a STOMP message broker for task queues and communication between subsystems.
+
+One file to run (``python pymq.py --port 61613``), or embedded in a gevent program::
+
+    import pymq
+    server = pymq.start(port=0)        # listens at once; server.address is (host, port)
+    ...
+    server.stop()
+
+Importing this module has no side effects: no monkey-patching, no logging set-up, no signal
+handlers. ``main()`` does those things for the command line.
+
+Protocol: STOMP 1.0, 1.1 and 1.2, negotiated from ``accept-version``; ``CONNECT`` or ``STOMP``;
+heart-beats both ways. Topics (``/topic/NAME``) are broadcast and non-durable; a subscription to
+``/topic/PREFIX*`` receives every topic whose name starts with PREFIX (``/topic/*``: all).
+Extensions, kept from ocamlmq (answered in the RECEIPT, so ask for one):
+
+    /control/count-subscribers/topic/T    -> num-subscribers: subscriptions a SEND to T reaches
+
+Errors follow STOMP 1.2: an ERROR frame with a ``message`` header (and ``receipt-id`` when the
+offending frame asked for a receipt), then the connection is closed.
+
+The file reads top-down in data-flow order: options and limits, frame codec, broker,
+connection, server, command line.
+"""
+
+import configparser
+import hmac
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import gevent
+import gevent.event
+import gevent.server
+
+__version__ = "0.1.0"
+SERVER_NAME = "pymq/" + __version__
+
+log = logging.getLogger("pymq")
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and limits: the one table. The usage text, conf/pymq.conf and the README list exactly
+# these rows (a test checks it). name, default, metavar, help.
+# ---------------------------------------------------------------------------------------------
+
+OPTIONS = (
+    ("host", "127.0.0.1", "ADDR", "address to listen on"),
+    ("port", 61613, "PORT", "TCP port to listen on (0: any free port)"),
+    ("login", None, "LOGIN", "login that CONNECT must carry (default: none required)"),
+    ("passcode", None, "PASSCODE", "passcode that CONNECT must carry (default: none required)"),
+    ("heart-beat", "10000,10000", "SX,SY",
+     "heart-beats offered: send every SX ms, expect one every SY ms (0: never)"),
+    ("heart-beat-grace", 2.0, "N",
+     "drop a client silent for N times the heart-beat interval it promised"),
+    ("connect-timeout", 10.0, "SECONDS", "drop a connection that has not sent CONNECT by then"),
+    ("frame-timeout", 30.0, "SECONDS", "drop a client that takes longer to finish a frame"),
+    ("max-headers", 100, "N", "most headers in one frame"),
+    ("max-header-line", 65536, "BYTES", "longest header line (the command line included)"),
+    ("max-body", 16 * 1024 * 1024, "BYTES", "largest frame body"),
+    ("max-outbound", 64 * 1024 * 1024, "BYTES",
+     "bytes waiting to be written to a client before it is dropped as too slow"),
+    ("debug", False, None, "log connections and frames to stderr"),
+)
+DEFAULTS = {name: default for name, default, _, _ in OPTIONS}
+
+RECV_SIZE = 64 * 1024
+FLUSH_TIMEOUT = 5.0         # how long a closing connection may take to flush its last frames
+LINGER_TIMEOUT = 1.0        # read (and drop) what a client still sends after our ERROR, so that
+                            # closing does not reset the connection before it reads the ERROR
+SUPPORTED_VERSIONS = ("1.2", "1.1", "1.0")   # preference order
+
+
+class Options:
+    """Broker settings: every row of OPTIONS as an attribute (dashes become underscores)."""
+
+    def __init__(self, **values):
+        for name, default, _, _ in OPTIONS:
+            setattr(self, name.replace("-", "_"), default)
+        for key, value in values.items():
+            name = key.replace("_", "-")
+            if name not in DEFAULTS:
+                raise ValueError("unknown option %r" % key)
+            setattr(self, key.replace("-", "_"), _convert(name, value))
+        self.heart_beat_ms = _parse_heart_beat(self.heart_beat)
+
+    def __repr__(self):
+        return "Options(%s)" % ", ".join(
+            "%s=%r" % (n, getattr(self, n.replace("-", "_"))) for n in DEFAULTS)
+
+
+def _convert(name, value):
+    """Convert a setting (from code, a config file or the command line) to its option's type."""
+    default = DEFAULTS[name]
+    if value is None or default is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return configparser.ConfigParser.BOOLEAN_STATES[value.lower()]
+            return bool(value)
+        value = type(default)(value)
+    except (KeyError, ValueError, TypeError):
+        raise ValueError("option %s: %r is not a valid %s" % (name, value, type(default).__name__))
+    if isinstance(value, (int, float)) and value < 0:
+        raise ValueError("option %s: must not be negative" % name)
+    if name == "port" and value > 65535:
+        raise ValueError("option port: %d is not a TCP port" % value)
+    return value
+
+
+def _parse_heart_beat(text):
+    try:
+        sx, sy = (int(part) for part in text.split(","))
+        if sx < 0 or sy < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError("option heart-beat: %r is not two non-negative integers 'SX,SY'" % text)
+    return sx, sy
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame codec. Sans-IO: feed bytes to a FrameParser and take frames out; encode_frame() gives
+# bytes. Nothing here touches a socket.
+# ---------------------------------------------------------------------------------------------
+
+class ProtocolError(Exception):
+    """The peer broke the protocol or a limit. It gets an ERROR frame and is disconnected."""
+
+    def __init__(self, message, receipt=None, headers=()):
+        super().__init__(message)
+        self.message = message
+        self.receipt = receipt
+        self.headers = tuple(headers)
+
+
+class Frame:
+    __slots__ = ("command", "headers", "body")
+
+    def __init__(self, command, headers=None, body=b""):
+        self.command = command
+        self.headers = {} if headers is None else headers
+        self.body = body
+
+    def __eq__(self, other):
+        return (isinstance(other, Frame) and self.command == other.command
+                and self.headers == other.headers and self.body == other.body)
+
+    def __repr__(self):
+        return "Frame(%r, %r, %r)" % (self.command, self.headers, self.body)
+
+
+# Header escaping (STOMP 1.1 added it, 1.2 added \r). CONNECT and CONNECTED are never escaped,
+# so that a 1.0 peer can read them before a version is agreed.
+_UNESCAPED_FRAMES = ("CONNECT", "STOMP", "CONNECTED")
+_ESCAPE = {
+    "1.0": str.maketrans({"\n": "\\n"}),    # 1.0 has no escapes; a newline would break framing
+    "1.1": str.maketrans({"\\": "\\\\", "\n": "\\n", ":": "\\c"}),
+    "1.2": str.maketrans({"\\": "\\\\", "\n": "\\n", ":": "\\c", "\r": "\\r"}),
+}
+_UNESCAPE = {
+    "1.1": {"\\": "\\", "n": "\n", "c": ":"},
+    "1.2": {"\\": "\\", "n": "\n", "c": ":", "r": "\r"},
+}
+
+
+def escape(text, version):
+    return text.translate(_ESCAPE[version])
+
+
+def unescape(text, version):
+    if "\\" not in text:
+        return text
+    table = _UNESCAPE[version]
+    out = []
+    chars = iter(text)
+    for char in chars:
+        if char == "\\":
+            char = table.get(next(chars, None))
+            if char is None:
+                raise ProtocolError("undefined escape sequence in header %r" % text)
+        out.append(char)
+    return "".join(out)
+
+
+def encode_frame(command, headers=(), body=b"", version="1.2"):
+    """Encode one frame; headers is a dict or (name, value) pairs. content-length is computed
+    (any given one is ignored). Frames end with NUL and a newline, legal in every version."""
+    escaped = version != "1.0" and command not in _UNESCAPED_FRAMES
+    with_length = bool(body) or command in ("SEND", "MESSAGE", "ERROR")
+    return (command + "\n").encode() + encode_rest(headers, body, version, escaped, with_length)
+
+
+def encode_rest(headers, body, version, escaped=True, with_length=True):
+    """Everything of a frame after its command line: headers, blank line, body, NUL."""
+    if isinstance(headers, dict):
+        headers = headers.items()
+    parts = []
+    for name, value in headers:
+        if name == "content-length":
+            continue
+        if escaped:
+            name, value = escape(name, version), escape(value, version)
+        elif "\n" in name or "\n" in value:
+            name, value = escape(name, "1.0"), escape(value, "1.0")
+        parts += (name, ":", value, "\n")
+    if with_length:
+        parts += ("content-length:", str(len(body)), "\n")
+    parts.append("\n")
+    return "".join(parts).encode() + body + b"\0\n"
+
+
+class FrameParser:
+    """Turns a byte stream into frames.
+
+    feed(data) buffers bytes; next_frame() returns the next complete Frame, or None until more
+    bytes arrive, and raises ProtocolError when the stream breaks the protocol or a limit.
+    `version` decides header unescaping; the connection sets it once a version is agreed, which
+    is why frames are taken out one at a time. End-of-line bytes between frames are heart-beats.
+    The buffer never holds more than one partial frame beyond what a single feed() brought, and
+    never grows past the limits: content-length is checked before any body is awaited.
+    """
+
+    def __init__(self, max_headers=100, max_header_line=65536, max_body=16 * 1024 * 1024):
+        self.max_headers = max_headers
+        self.max_header_line = max_header_line
+        self.max_body = max_body
+        self.version = "1.0"
+        self._buf = bytearray()
+        self._pos = 0           # start of the frame being parsed
+        self._scan = 0          # where the search for the end of the current part resumes
+        self._lines = 0         # header lines seen so far in the current frame
+        self._head = None       # (command, headers, body_start, content_length) once parsed
+
+    @property
+    def in_frame(self):
+        """True when part of a frame (not just heart-beats) is waiting for more bytes."""
+        self._skip_heartbeats()
+        return self._pos < len(self._buf)
+
+    def feed(self, data):
+        if self._pos:
+            del self._buf[:self._pos]
+            self._scan -= self._pos
+            if self._head is not None:
+                command, headers, body_start, length = self._head
+                self._head = (command, headers, body_start - self._pos, length)
+            self._pos = 0
+        self._buf += data
+
+    def next_frame(self):
+        if self._head is None and not self._read_head():
+            return None
+        return self._read_body()
+
+    def _skip_heartbeats(self):
+        buf, pos, end = self._buf, self._pos, len(self._buf)
+        if self._head is not None:
+            return
+        while pos < end:
+            if buf[pos] == 10:
+                pos += 1
+            elif buf[pos] == 13 and pos + 1 < end and buf[pos + 1] == 10:
+                pos += 2
+            else:
+                break
+        if pos != self._pos:
+            self._pos = self._scan = pos
+
+    def _read_head(self):
+        self._skip_heartbeats()
+        buf, start, end = self._buf, self._pos, len(self._buf)
+        if start == end:
+            return False
+        # The header block ends at the first empty line ("\n\n" or "\n\r\n").
+        block_end = buf.find(b"\n\n", self._scan)
+        crlf_end = buf.find(b"\n\r\n", self._scan)
+        if crlf_end >= 0 and (block_end < 0 or crlf_end < block_end):
+            block_end, body_start = crlf_end, crlf_end + 3
+        else:
+            body_start = block_end + 2
+        if block_end < 0:
+            self._check_partial_head(start, end)
+            return False
+        lines = bytes(buf[start:block_end]).split(b"\n")
+        if len(lines) - 1 > self.max_headers:
+            raise ProtocolError("too many headers (the limit is %d)" % self.max_headers)
+        command = self._decode(lines[0], "command")
+        escaped = self.version != "1.0" and command not in _UNESCAPED_FRAMES
+        headers = {}
+        for line in lines[1:]:
+            if len(line) > self.max_header_line:
+                raise ProtocolError("header line longer than %d bytes" % self.max_header_line)
+            text = self._decode(line, "header")
+            name, colon, value = text.partition(":")
+            if not colon:
+                raise ProtocolError("malformed header line %r (no ':')" % text[:100])
+            if self.version == "1.0":
+                name, value = name.strip(), value.strip()
+            elif escaped:
+                name, value = unescape(name, self.version), unescape(value, self.version)
+            headers.setdefault(name, value)      # a repeated header: the first one wins
+        length = headers.get("content-length")
+        if length is not None:
+            length = length.strip()
+            if not (length.isascii() and length.isdigit()):
+                raise ProtocolError("invalid content-length %r" % length[:100])
+            length = int(length)
+            if length > self.max_body:
+                raise ProtocolError("body of %d bytes is over the limit of %d bytes"
+                                    % (length, self.max_body))
+        self._head = (command, headers, body_start, length)
+        self._scan = body_start
+        return True
+
+    def _check_partial_head(self, start, end):
+        # Limits on a header block still arriving: count its lines as they come, and measure
+        # the line still open, so a client cannot make us buffer an endless header.
+        self._lines += self._buf.count(b"\n", self._scan, end)
+        if self._lines > self.max_headers + 1:
+            raise ProtocolError("too many headers (the limit is %d)" % self.max_headers)
+        last_line = self._buf.rfind(b"\n", start, end) + 1 or start
+        if end - last_line > self.max_header_line:
+            raise ProtocolError("header line longer than %d bytes" % self.max_header_line)
+        self._scan = max(start, end - 2)   # an empty line split across feeds is still found
+        if self._scan > start:
+            self._lines -= self._buf.count(b"\n", self._scan, end)
+
+    def _decode(self, line, what):
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if what == "command" and len(line) > self.max_header_line:
+            raise ProtocolError("command line longer than %d bytes" % self.max_header_line)
+        try:
+            return line.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("%s is not valid UTF-8" % what)
+
+    def _read_body(self):
+        command, headers, body_start, length = self._head
+        buf = self._buf
+        if length is not None:
+            if len(buf) < body_start + length + 1:
+                return None
+            if buf[body_start + length] != 0:
+                raise ProtocolError("frame body is not followed by a NUL byte "
+                                    "(is content-length right?)")
+            nul = body_start + length
+        else:
+            nul = buf.find(0, self._scan)
+            if nul < 0:
+                if len(buf) - body_start > self.max_body:
+                    raise ProtocolError("body over the limit of %d bytes (or no NUL byte ends "
+                                        "the frame)" % self.max_body)
+                self._scan = len(buf)
+                return None
+        body = bytes(buf[body_start:nul])
+        self._head = None
+        self._pos = self._scan = nul + 1
+        self._lines = 0
+        return Frame(command, headers, body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Broker: the one shared object. It owns destinations and subscriptions and decides what each
+# frame does; it never touches a socket, it calls Connection.send() and Connection.close().
+# ---------------------------------------------------------------------------------------------
+
+class Subscription:
+    __slots__ = ("conn", "id", "destination", "ack", "header")
+
+    def __init__(self, conn, sub_id, destination, ack):
+        self.conn = conn
+        self.id = sub_id
+        self.destination = destination
+        self.ack = ack
+        # Encoded once: every MESSAGE to this subscription starts with it.
+        self.header = ("MESSAGE\nsubscription:%s\n" % escape(sub_id, conn.version)).encode()
+
+
+ACK_MODES = ("auto", "client", "client-individual")
+# Headers of a SEND that the broker sets itself on the MESSAGE, or that only concern the SEND.
+_NOT_FORWARDED = frozenset(("destination", "message-id", "subscription", "ack", "receipt",
+                            "content-length", "transaction"))
+MAX_TRANSACTION_FRAMES = 10000   # bounds the memory a client can park in an open transaction
+
+
+class Broker:
+    def __init__(self, options=None):
+        self.options = options or Options()
+        self.connections = set()
+        self._sessions = itertools.count(1)
+        # Message ids: unique across restarts because each process start gets its own prefix.
+        self._id_prefix = "%x-" % time.time_ns()
+        self._message_seq = itertools.count(1)
+        self.topics = {}            # topic name -> {Subscription: None} (exact subscriptions)
+        self.prefixes = {}          # prefix -> {Subscription: None} ("/topic/prefix*")
+        self.prefix_lengths = {}    # prefix length -> how many prefixes have it
+        self.stats = dict.fromkeys(("connections", "messages_in", "messages_out",
+                                    "protocol_errors", "slow_consumers"), 0)
+        self._handlers = {
+            "SEND": self.on_send, "SUBSCRIBE": self.on_subscribe,
+            "UNSUBSCRIBE": self.on_unsubscribe, "ACK": self.on_ack, "NACK": self.on_ack,
+            "BEGIN": self.on_begin, "COMMIT": self.on_commit, "ABORT": self.on_abort,
+            "DISCONNECT": self.on_disconnect,
+        }
+
+    # -- connections -------------------------------------------------------------------------
+
+    def handle(self, conn, frame):
+        """Carry out one frame from `conn` and send the RECEIPT it asks for, with any headers
+        the handler answered (control destinations). Raises ProtocolError for the connection
+        to report."""
+        try:
+            if conn.version is None:
+                if frame.command not in ("CONNECT", "STOMP"):
+                    raise ProtocolError("expected a CONNECT frame, got %s" % frame.command[:100])
+                return self.on_connect(conn, frame)
+            handler = self._handlers.get(frame.command)
+            if handler is None:
+                if frame.command in ("CONNECT", "STOMP"):
+                    raise ProtocolError("already connected")
+                raise ProtocolError("unknown command %r" % frame.command[:100])
+            tx = frame.headers.get("transaction")
+            if tx is not None and frame.command in ("SEND", "ACK", "NACK"):
+                self._in_transaction(conn, tx).append(frame)
+                answer = None
+            else:
+                answer = handler(conn, frame)
+            receipt = frame.headers.get("receipt")
+            if receipt is not None and frame.command != "DISCONNECT":
+                headers = {"receipt-id": receipt}
+                if answer:
+                    headers.update(answer)
+                conn.send_frame("RECEIPT", headers)
+        except ProtocolError as error:
+            if error.receipt is None:
+                error.receipt = frame.headers.get("receipt")
+            raise
+
+    def on_connect(self, conn, frame):
+        headers = frame.headers
+        version = negotiate_version(headers.get("accept-version"))
+        opts = self.options
+        if not (_credential_ok(opts.login, headers.get("login"))
+                and _credential_ok(opts.passcode, headers.get("passcode"))):
+            raise ProtocolError("bad credentials")
+        send_ms, recv_ms = negotiate_heart_beat(headers.get("heart-beat"), opts.heart_beat_ms,
+                                                version)
+        conn.session = "%s%d" % (self._id_prefix, next(self._sessions))
+        self.connections.add(conn)
+        self.stats["connections"] += 1
+        conn.start_session(version, send_ms, recv_ms)
+        conn.send_frame("CONNECTED", {"version": version, "server": SERVER_NAME,
+                                      "session": conn.session,
+                                      "heart-beat": "%d,%d" % (send_ms, recv_ms)})
+
+    def disconnected(self, conn):
+        """The connection is gone (for whatever reason): forget everything it had."""
+        for sub in list(conn.subscriptions.values()):
+            self._remove_subscription(sub)
+        conn.subscriptions.clear()
+        conn.transactions.clear()
+        self.connections.discard(conn)
+
+    def on_disconnect(self, conn, frame):
+        receipt = frame.headers.get("receipt")
+        conn.close(("RECEIPT", {"receipt-id": receipt}) if receipt is not None else None)
+
+    # -- SEND ----------------------------------------------------------------------------------
+
+    def on_send(self, conn, frame):
+        kind, name = parse_destination(frame.headers.get("destination"))
+        self.stats["messages_in"] += 1
+        if kind == "topic":
+            self.publish(name, frame)
+        elif kind == "control":
+            return self.control(name)
+        else:
+            raise ProtocolError("queues are not yet supported")
+
+    def publish(self, topic, frame):
+        """Broadcast a SEND to every subscription matching `topic`."""
+        subs = self.topic_subscriptions(topic)
+        if not subs:
+            return
+        message_id = "%s%d" % (self._id_prefix, next(self._message_seq))
+        id_line = ("message-id:%s\n" % message_id).encode()
+        ack_line = ("ack:%s\n" % message_id).encode()
+        user_headers = [(k, v) for k, v in frame.headers.items() if k not in _NOT_FORWARDED]
+        user_headers.append(("destination", "/topic/" + topic))
+        rests = {}          # per protocol version: the encoded headers and body, shared by all
+        for sub in subs:
+            version = sub.conn.version
+            rest = rests.get(version)
+            if rest is None:
+                rest = rests[version] = encode_rest(user_headers, frame.body, version,
+                                                    escaped=version != "1.0")
+            if sub.ack != "auto" and version == "1.2":
+                sub.conn.send((sub.header, id_line, ack_line, rest))
+            else:
+                sub.conn.send((sub.header, id_line, rest))
+        self.stats["messages_out"] += len(subs)
+
+    def topic_subscriptions(self, topic):
+        """Subscriptions a message to `topic` reaches: the exact ones, then the prefix ones."""
+        subs = list(self.topics.get(topic, ()))
+        for length in self.prefix_lengths:
+            if length <= len(topic):
+                subs.extend(self.prefixes.get(topic[:length], ()))
+        return subs
+
+    def control(self, name):
+        """A SEND to /control/NAME: the answer goes into the RECEIPT's headers."""
+        if name.startswith("count-subscribers/topic/"):
+            topic = name[len("count-subscribers/topic/"):]
+            return {"num-subscribers": str(len(self.topic_subscriptions(topic)))}
+        if name.startswith(("count-subscribers/queue/", "count-msgs/queue/")):
+            raise ProtocolError("queues are not yet supported")
+        raise ProtocolError("unknown control destination /control/%s" % name[:100])
+
+    # -- SUBSCRIBE / UNSUBSCRIBE ---------------------------------------------------------------
+
+    def on_subscribe(self, conn, frame):
+        headers = frame.headers
+        destination = headers.get("destination")
+        kind, name = parse_destination(destination)
+        if kind == "control":
+            raise ProtocolError("cannot subscribe to a /control/ destination")
+        if kind == "queue":
+            raise ProtocolError("queues are not yet supported")
+        sub_id = headers.get("id", destination)    # 1.0 clients may omit the id
+        ack = headers.get("ack", "auto")
+        if ack not in ACK_MODES:
+            raise ProtocolError("unknown ack mode %r" % ack[:100])
+        existing = conn.subscriptions.get(sub_id)
+        if existing is not None:
+            if existing.destination != destination:
+                raise ProtocolError("subscription id %r is already in use" % sub_id[:100])
+            self._remove_subscription(existing)     # re-subscribing replaces, e.g. the ack mode
+        sub = Subscription(conn, sub_id, destination, ack)
+        conn.subscriptions[sub_id] = sub
+        if name.endswith("*"):
+            prefix = name[:-1]
+            subs = self.prefixes.get(prefix)
+            if subs is None:
+                subs = self.prefixes[prefix] = {}
+                self.prefix_lengths[len(prefix)] = self.prefix_lengths.get(len(prefix), 0) + 1
+            subs[sub] = None
+        else:
+            self.topics.setdefault(name, {})[sub] = None
+
+    def on_unsubscribe(self, conn, frame):
+        headers = frame.headers
+        sub = None
+        if "id" in headers:
+            sub = conn.subscriptions.get(headers["id"])
+        elif "destination" in headers:
+            destination = headers["destination"]
+            sub = conn.subscriptions.get(destination)
+            if sub is None or sub.destination != destination:
+                sub = next((s for s in conn.subscriptions.values()
+                            if s.destination == destination), None)
+        else:
+            raise ProtocolError("UNSUBSCRIBE needs an id (or, in STOMP 1.0, a destination)")
+        if sub is None:
+            raise ProtocolError("no such subscription")
+        del conn.subscriptions[sub.id]
+        self._remove_subscription(sub)
+
+    def _remove_subscription(self, sub):
+        name = sub.destination[len("/topic/"):]
+        if name.endswith("*"):
+            prefix = name[:-1]
+            subs = self.prefixes[prefix]
+            del subs[sub]
+            if not subs:
+                del self.prefixes[prefix]
+                count = self.prefix_lengths[len(prefix)] - 1
+                if count:
+                    self.prefix_lengths[len(prefix)] = count
+                else:
+                    del self.prefix_lengths[len(prefix)]
+        else:
+            subs = self.topics[name]
+            del subs[sub]
+            if not subs:
+                del self.topics[name]
+
+    # -- ACK / NACK ----------------------------------------------------------------------------
+
+    def on_ack(self, conn, frame):
+        # Topic messages need no acknowledgement; an ACK for anything not pending is ignored
+        # quietly (ocamlmq-style clients ACK even in auto mode). Only a malformed one is an error.
+        key = "id" if conn.version == "1.2" else "message-id"
+        if key not in frame.headers:
+            raise ProtocolError("%s needs a %s header" % (frame.command, key))
+
+    # -- transactions --------------------------------------------------------------------------
+
+    def _in_transaction(self, conn, tx):
+        frames = conn.transactions.get(tx)
+        if frames is None:
+            raise ProtocolError("no such transaction %r" % tx[:100])
+        if len(frames) >= MAX_TRANSACTION_FRAMES:
+            raise ProtocolError("more than %d frames in one transaction" % MAX_TRANSACTION_FRAMES)
+        return frames
+
+    def _transaction_header(self, frame):
+        tx = frame.headers.get("transaction")
+        if tx is None:
+            raise ProtocolError("%s needs a transaction header" % frame.command)
+        return tx
+
+    def on_begin(self, conn, frame):
+        tx = self._transaction_header(frame)
+        if tx in conn.transactions:
+            raise ProtocolError("transaction %r already begun" % tx[:100])
+        conn.transactions[tx] = []
+
+    def on_commit(self, conn, frame):
+        frames = self._in_transaction(conn, self._transaction_header(frame))
+        del conn.transactions[frame.headers["transaction"]]
+        for pending in frames:
+            self._handlers[pending.command](conn, pending)
+
+    def on_abort(self, conn, frame):
+        self._in_transaction(conn, self._transaction_header(frame))
+        del conn.transactions[frame.headers["transaction"]]
+
+
+def parse_destination(destination):
+    """'/topic/a' -> ('topic', 'a'). Anything else than a non-empty /queue/, /topic/ or
+    /control/ name is a protocol error."""
+    if destination is None:
+        raise ProtocolError("missing destination header")
+    kind, _, name = destination[1:].partition("/")
+    if destination[:1] != "/" or kind not in ("queue", "topic", "control") or not name:
+        raise ProtocolError("invalid destination %r: must be /queue/NAME, /topic/NAME or "
+                            "/control/..." % destination[:100])
+    return kind, name
+
+
+def negotiate_version(accept_version):
+    if accept_version is None:
+        return "1.0"
+    offered = {v.strip() for v in accept_version.split(",")}
+    for version in SUPPORTED_VERSIONS:
+        if version in offered:
+            return version
+    raise ProtocolError("supported protocol versions are %s" % " ".join(SUPPORTED_VERSIONS),
+                        headers=[("version", ",".join(SUPPORTED_VERSIONS))])
+
+
+def negotiate_heart_beat(header, server_ms, version):
+    """Return (send_ms, recv_ms): how often we send heart-beats and how often the client
+    promised to. Each direction is on only when both sides want it, at the slower of the two."""
+    if header is None or version == "1.0":
+        return 0, 0
+    try:
+        cx, cy = (int(part) for part in header.split(","))
+        if cx < 0 or cy < 0:
+            raise ValueError
+    except ValueError:
+        raise ProtocolError("invalid heart-beat header %r" % header[:100])
+    sx, sy = server_ms
+    send_ms = max(sx, cy) if sx and cy else 0
+    recv_ms = max(cx, sy) if cx and sy else 0
+    return send_ms, recv_ms
+
+
+def _credential_ok(expected, given):
+    if expected is None:
+        return True
+    # Constant time, so that timing does not tell how much of a guess was right.
+    return given is not None and hmac.compare_digest(expected.encode(), given.encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# Connection: one greenlet reads the socket, parses frames and hands them to the broker; a
+# writer greenlet drains the outbound buffer, many frames per sendall; a third sends heart-beats
+# when they were negotiated. All timeouts of the reading side are one socket timeout.
+# ---------------------------------------------------------------------------------------------
+
+class Connection:
+    def __init__(self, broker, sock, peer):
+        opts = broker.options
+        self.broker = broker
+        self.sock = sock
+        self.peer = "%s:%s" % peer[:2] if isinstance(peer, tuple) else str(peer)
+        self.parser = FrameParser(opts.max_headers, opts.max_header_line, opts.max_body)
+        self.version = None            # protocol version, once CONNECTed
+        self.session = None
+        self.subscriptions = {}        # subscription id -> Subscription
+        self.transactions = {}         # transaction id -> frames waiting for COMMIT
+        self.closing = False
+        self.accepted_at = time.monotonic()
+        self.last_read = self.last_write = self.accepted_at
+        self.send_interval = self.recv_interval = 0.0   # heart-beats, seconds
+        self._frame_started = None     # when the first byte of an unfinished frame arrived
+        self._out = []                 # encoded bytes waiting for the writer
+        self._out_bytes = 0
+        self._wake = gevent.event.Event()
+        self._writer = None
+        self._heart = None
+
+    def __repr__(self):
+        return "<Connection %s %s>" % (self.peer, self.session or "(not connected)")
+
+    # -- called by the broker ------------------------------------------------------------------
+
+    def start_session(self, version, send_ms, recv_ms):
+        self.version = self.parser.version = version
+        self.send_interval, self.recv_interval = send_ms / 1000.0, recv_ms / 1000.0
+        if self.send_interval:
+            self._heart = gevent.spawn(self._heart_beat_loop)
+
+    def send(self, chunks):
+        """Queue encoded bytes (a tuple of chunks) for the writer."""
+        if self.closing:
+            return
+        self._out.extend(chunks)
+        self._out_bytes += sum(map(len, chunks))
+        if self._out_bytes > self.broker.options.max_outbound:
+            self.broker.stats["slow_consumers"] += 1
+            log.warning("%r: dropped, %d bytes waiting to be written (max-outbound)",
+                        self, self._out_bytes)
+            # The socket is not draining, so an ERROR would sit behind the same backlog.
+            self._out.clear()
+            self.closing = True
+            self.sock.close()
+        self._wake.set()
+
+    def send_frame(self, command, headers, body=b""):
+        self.send((encode_frame(command, headers, body, self.version or "1.0"),))
+
+    def close(self, last_frame=None):
+        """Stop reading; send `last_frame` (command, headers), flush, then close."""
+        if last_frame is not None:
+            self.send_frame(*last_frame)
+        self.closing = True
+        self._wake.set()
+
+    # -- the greenlets -------------------------------------------------------------------------
+
+    def serve(self):
+        log.debug("%r: accepted", self)
+        self._writer = gevent.spawn(self._write_loop)
+        failed = False
+        try:
+            self._read_loop()
+        except ProtocolError as error:
+            failed = True
+            self.broker.stats["protocol_errors"] += 1
+            log.info("%r: %s", self, error.message)
+            self._send_error(error)
+        except OSError as error:
+            log.debug("%r: %s", self, error)
+        except Exception:
+            failed = True
+            log.exception("%r: internal error", self)
+            self._send_error(ProtocolError("internal error"))
+        finally:
+            self.broker.disconnected(self)
+            self._finish(linger=failed)
+            log.debug("%r: closed", self)
+
+    def _send_error(self, error):
+        headers = [("message", error.message)]
+        if error.receipt is not None:
+            headers.append(("receipt-id", error.receipt))
+        headers.extend(error.headers)
+        self.close(("ERROR", headers))
+
+    def _read_loop(self):
+        sock, parser, handle = self.sock, self.parser, self.broker.handle
+        while not self.closing:
+            sock.settimeout(self._read_timeout())
+            try:
+                data = sock.recv(RECV_SIZE)
+            except socket.timeout:
+                continue            # _read_timeout() raises for the deadline that passed
+            if not data:
+                return
+            self.last_read = time.monotonic()
+            parser.feed(data)
+            while not self.closing:
+                frame = parser.next_frame()
+                if frame is None:
+                    break
+                log.debug("%r: %s", self, frame.command)
+                handle(self, frame)
+            if parser.in_frame:
+                if self._frame_started is None:
+                    self._frame_started = self.last_read
+            else:
+                self._frame_started = None
+
+    def _read_timeout(self):
+        """Seconds until the nearest reading deadline; raise ProtocolError if one has passed."""
+        opts = self.broker.options
+        deadlines = []
+        if self.version is None:
+            deadlines.append((self.accepted_at + opts.connect_timeout,
+                              "no CONNECT frame within %g seconds" % opts.connect_timeout))
+        if self._frame_started is not None:
+            deadlines.append((self._frame_started + opts.frame_timeout,
+                              "frame not finished within %g seconds" % opts.frame_timeout))
+        if self.recv_interval:
+            deadlines.append((self.last_read + opts.heart_beat_grace * self.recv_interval,
+                              "no heart-beat from the client within %g seconds"
+                              % (opts.heart_beat_grace * self.recv_interval)))
+        if not deadlines:
+            return None
+        deadline, message = min(deadlines)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ProtocolError(message)
+        return remaining
+
+    def _write_loop(self):
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                while self._out:
+                    data = b"".join(self._out)
+                    self._out.clear()
+                    self._out_bytes = 0
+                    self.sock.sendall(data)
+                    self.last_write = time.monotonic()
+                if self.closing:
+                    return
+        except OSError as error:
+            log.debug("%r: write failed: %s", self, error)
+            self.closing = True
+            self.sock.close()      # wakes the reader
+
+    def _heart_beat_loop(self):
+        interval = self.send_interval
+        while not self.closing:
+            idle = time.monotonic() - self.last_write
+            if idle >= interval:
+                self.send((b"\n",))
+                idle = 0.0
+            gevent.sleep(interval - idle)
+
+    def _finish(self, linger):
+        self.closing = True
+        self._wake.set()
+        if self._heart is not None:
+            self._heart.kill(block=False)
+        self._writer.join(timeout=FLUSH_TIMEOUT)
+        self._writer.kill()
+        sock = self.sock
+        try:
+            if linger:
+                # Half-close and read what the client still sends, so that our ERROR is not
+                # lost to a reset caused by unread input.
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(LINGER_TIMEOUT)
+                deadline = time.monotonic() + LINGER_TIMEOUT
+                while sock.recv(RECV_SIZE) and time.monotonic() < deadline:
+                    pass
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Server: a gevent StreamServer with one Connection greenlet per client, and a clean stop.
+# ---------------------------------------------------------------------------------------------
+
+class Server:
+    """A broker listening on a TCP address. Use from a gevent program:
+
+        server = Server(Options(port=0)).start()     # or pymq.start(port=0)
+        host, port = server.address
+        server.stop()
+    """
+
+    def __init__(self, options=None):
+        self.options = options or Options()
+        self.broker = Broker(self.options)
+        self.connections = set()       # every open connection, CONNECTed or not
+        self._server = None
+        self._stopped = gevent.event.Event()
+
+    @property
+    def address(self):
+        return self._server.address[:2]
+
+    def start(self):
+        opts = self.options
+        self._server = gevent.server.StreamServer((opts.host, opts.port), self._handle,
+                                                  backlog=1024)
+        self._server.start()
+        log.info("pymq %s listening on %s:%d", __version__, *self.address)
+        return self
+
+    def _handle(self, sock, peer):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)   # finds half-open peers
+        conn = Connection(self.broker, sock, peer)
+        self.connections.add(conn)
+        try:
+            conn.serve()
+        finally:
+            self.connections.discard(conn)
+
+    def serve_forever(self):
+        if self._server is None:
+            self.start()
+        self._stopped.wait()
+
+    def stop(self, timeout=FLUSH_TIMEOUT):
+        """Stop accepting, tell every client, let connections flush and close."""
+        if self._server is None or self._stopped.is_set():
+            return
+        self._server.close()
+        for conn in list(self.connections):
+            conn.close(("ERROR", {"message": "server shutting down"}))
+            try:
+                conn.sock.shutdown(socket.SHUT_RD)       # wakes the reader
+            except OSError:
+                pass
+        self._server.stop(timeout=timeout)
+        log.info("pymq stopped")
+        self._stopped.set()
+
+
+def start(**options):
+    """Start a broker in this gevent program; keyword arguments are OPTIONS (port=0 allowed,
+    dashes as underscores). Returns the running Server."""
+    return Server(Options(**options)).start()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------
+
+def _usage():
+    lines = []
+    for name, default, metavar, help_text in OPTIONS:
+        flag = "--%s %s" % (name, metavar) if metavar else "--%s" % name
+        if default is not None and default is not False:
+            help_text += " (default: %s)" % default
+        lines.append("  %-26s %s" % (flag, help_text))
+    return USAGE_HEAD + "\n".join(lines) + "\n"
+
+
+USAGE_HEAD = """\
+pymq: a STOMP message broker.
+
+Usage:
+  pymq [options]
+  pymq (-h | --help)
+  pymq --version
+
+Options:
+  -h --help                  show this text
+  --version                  show the version
+  --config FILE              read options from FILE (INI, section [pymq], keys as below);
+                             the command line wins
+"""
+# Option defaults are written "(default: X)", not docopt's "[default: X]", so that docopt
+# reports options absent from the command line as None and the config file can fill them.
+USAGE = _usage()
+
+
+def options_from_args(args):
+    """Options from docopt's result: table defaults, then the config file, then the command
+    line. Raises ValueError with a message meant for the user."""
+    values = {}
+    if args["--config"]:
+        values.update(read_config(args["--config"]))
+    for name in DEFAULTS:
+        given = args["--" + name]
+        if given is not None and given is not False:
+            values[name] = given
+    return Options(**values)
+
+
+def read_config(path):
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path) as f:
+            parser.read_file(f)
+    except (OSError, configparser.Error) as error:
+        raise ValueError("cannot read config file %s: %s" % (path, error))
+    if not parser.has_section("pymq"):
+        raise ValueError("config file %s has no [pymq] section" % path)
+    values = dict(parser.items("pymq"))
+    for key in values:
+        if key not in DEFAULTS:
+            raise ValueError("config file %s: unknown option %r" % (path, key))
+    return values
+
+
+def main(argv=None):
+    from docopt import docopt     # only the command line needs it
+    args = docopt(USAGE, argv, version="pymq " + __version__)
+    try:
+        options = options_from_args(args)
+    except ValueError as error:
+        print("pymq: %s" % error, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if options.debug else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.umask(0o007)     # data files are not for other users
+    server = Server(options)
+    try:
+        server.start()
+    except OSError as error:
+        log.error("cannot listen on %s:%d: %s", options.host, options.port, error)
+        return 1
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, lambda: gevent.spawn(server.stop))
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
