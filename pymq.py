@@ -470,6 +470,9 @@ class Broker:
         self.connections.discard(conn)
 
     def on_disconnect(self, conn, frame):
+        # Forget the connection before the RECEIPT goes out: a client holding it can rely on
+        # its subscriptions being gone.
+        self.disconnected(conn)
         receipt = frame.headers.get("receipt")
         conn.close(("RECEIPT", {"receipt-id": receipt}) if receipt is not None else None)
 

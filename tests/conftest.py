@@ -1,0 +1,245 @@
+"""Test harness: a real broker on 127.0.0.1:0 per test, real sockets, real clients.
+
+The broker runs in its own thread with its own gevent hub, so the tests themselves use plain
+blocking sockets and stomp.py (which uses threads) without any monkey-patching.
+"""
+
+import queue
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pymq  # noqa: E402
+
+TIMEOUT = 5.0       # how long any single expected event may take
+
+
+class BrokerThread:
+    """A pymq Server in a thread of its own."""
+
+    def __init__(self, **options):
+        options.setdefault("port", 0)
+        self.options = options
+        self.server = None
+        self._error = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="broker", daemon=True)
+
+    def _run(self):
+        import gevent
+        try:
+            self.server = pymq.start(**self.options)
+            self._hub = gevent.get_hub()
+        except BaseException as error:      # reported to the test by start()
+            self._error = error
+            return
+        finally:
+            self._ready.set()
+        self.server.serve_forever()
+
+    def start(self):
+        self._thread.start()
+        assert self._ready.wait(TIMEOUT), "broker did not start"
+        if self._error is not None:
+            raise self._error
+        self.address = self.server.address
+        return self
+
+    def call(self, function, *args):
+        """Run function(*args) in the broker's thread and return its result."""
+        import gevent
+        done = threading.Event()
+        result = {}
+
+        def run():
+            try:
+                result["value"] = function(*args)
+            except BaseException as error:
+                result["error"] = error
+            done.set()
+
+        self._hub.loop.run_callback_threadsafe(lambda: gevent.spawn(run))
+        assert done.wait(TIMEOUT), "broker thread did not answer"
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
+    @property
+    def stats(self):
+        return self.call(lambda: dict(self.server.broker.stats))
+
+    def stop(self):
+        if self._thread.is_alive():
+            import gevent
+            self._hub.loop.run_callback_threadsafe(lambda: gevent.spawn(self.server.stop))
+            self._thread.join(2 * pymq.FLUSH_TIMEOUT)
+            assert not self._thread.is_alive(), "broker did not stop"
+
+
+@pytest.fixture
+def start_broker():
+    """start_broker(**options) -> a running BrokerThread, stopped after the test."""
+    brokers = []
+
+    def start(**options):
+        broker = BrokerThread(**options).start()
+        brokers.append(broker)
+        return broker
+
+    yield start
+    for broker in brokers:
+        broker.stop()
+
+
+@pytest.fixture
+def broker(start_broker):
+    return start_broker()
+
+
+class RawClient:
+    """A STOMP client on a bare socket, for the protocol's edge cases."""
+
+    def __init__(self, address, timeout=TIMEOUT):
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.parser = pymq.FrameParser(max_body=1 << 30)
+        self.version = "1.0"
+        self.heartbeats = 0        # EOLs received between frames
+
+    def close(self):
+        self.sock.close()
+
+    def send_bytes(self, data):
+        self.sock.sendall(data)
+
+    def send(self, command, headers=(), body=b""):
+        self.send_bytes(pymq.encode_frame(command, headers, body, self.version))
+
+    def connect(self, version="1.2", command="CONNECT", **headers):
+        headers.setdefault("accept-version", version)
+        headers.setdefault("host", "localhost")
+        self.send(command, {k.replace("_", "-"): v for k, v in headers.items()})
+        frame = self.expect("CONNECTED")
+        self.version = self.parser.version = frame.headers.get("version", "1.0")
+        return frame
+
+    def expect(self, command=None, timeout=TIMEOUT):
+        """The next frame from the broker (heart-beats are counted, not returned)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self.parser.next_frame()
+            if frame is not None:
+                break
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, "no frame within %s s" % timeout
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(65536)
+            assert data, "connection closed while waiting for %s" % (command or "a frame")
+            self.parser.feed(data)
+        if command is not None:
+            assert frame.command == command, frame
+        return frame
+
+    def expect_error(self, fragment, receipt=None):
+        """An ERROR whose message contains `fragment`, then the connection closes."""
+        frame = self.expect("ERROR")
+        assert fragment in frame.headers.get("message", ""), frame
+        if receipt is not None:
+            assert frame.headers.get("receipt-id") == receipt, frame
+        self.expect_closed()
+        return frame
+
+    def expect_closed(self, timeout=TIMEOUT):
+        """Read until the broker closes the connection; fails on any further frame."""
+        self.sock.settimeout(timeout)
+        rest = b""
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                rest += data
+        except ConnectionResetError:
+            pass
+        assert rest.strip(b"\n") == b"", "unexpected bytes before close: %r" % rest[:200]
+
+    def request(self, command, headers=(), body=b""):
+        """Send a frame with a receipt and return the RECEIPT."""
+        headers = dict(headers)
+        receipt = headers.setdefault("receipt", "r-%d" % next(_receipts))
+        self.send(command, headers, body)
+        frame = self.expect("RECEIPT")
+        assert frame.headers["receipt-id"] == receipt, frame
+        return frame
+
+
+_receipts = iter(range(1, 10**9))
+
+
+@pytest.fixture
+def raw(broker):
+    """raw() -> a RawClient on the test's broker (connected with raw(connect=True))."""
+    clients = []
+
+    def make(connect=False, version="1.2", address=None):
+        client = RawClient(address or broker.address)
+        clients.append(client)
+        if connect:
+            client.connect(version)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+class Listener:
+    """A stomp.py listener that queues what arrives, so tests can await frames."""
+
+    def __init__(self):
+        self.messages = queue.Queue()
+        self.errors = queue.Queue()
+        self.receipts = queue.Queue()
+        self.disconnected = threading.Event()
+
+    def on_message(self, frame):
+        self.messages.put(frame)
+
+    def on_error(self, frame):
+        self.errors.put(frame)
+
+    def on_receipt(self, frame):
+        self.receipts.put(frame)
+
+    def on_disconnected(self):
+        self.disconnected.set()
+
+    def next_message(self, timeout=TIMEOUT):
+        return self.messages.get(timeout=timeout)
+
+
+@pytest.fixture
+def stomp_client(broker):
+    """stomp_client(version="1.2", **connect_kwargs) -> (connection, Listener), connected."""
+    import stomp
+    classes = {"1.0": stomp.Connection10, "1.1": stomp.Connection11, "1.2": stomp.Connection12}
+    connections = []
+
+    def make(version="1.2", address=None, **kwargs):
+        conn = classes[version]([address or broker.address], **kwargs.pop("conn_kwargs", {}))
+        listener = Listener()
+        conn.set_listener("test", listener)
+        conn.connect(wait=True, **kwargs)
+        connections.append(conn)
+        return conn, listener
+
+    yield make
+    for conn in connections:
+        if conn.is_connected():
+            conn.disconnect()
