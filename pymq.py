@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import sys
+import textwrap
 import time
 
 import gevent
@@ -53,19 +54,17 @@ log = logging.getLogger("pymq")
 OPTIONS = (
     ("host", "127.0.0.1", "ADDR", "address to listen on"),
     ("port", 61613, "PORT", "TCP port to listen on (0: any free port)"),
-    ("login", None, "LOGIN", "login that CONNECT must carry (default: none required)"),
-    ("passcode", None, "PASSCODE", "passcode that CONNECT must carry (default: none required)"),
-    ("heart-beat", "10000,10000", "SX,SY",
-     "heart-beats offered: send every SX ms, expect one every SY ms (0: never)"),
-    ("heart-beat-grace", 2.0, "N",
-     "drop a client silent for N times the heart-beat interval it promised"),
-    ("connect-timeout", 10.0, "SECONDS", "drop a connection that has not sent CONNECT by then"),
-    ("frame-timeout", 30.0, "SECONDS", "drop a client that takes longer to finish a frame"),
+    ("login", None, "LOGIN", "login that CONNECT must carry (default: none)"),
+    ("passcode", None, "PASSCODE", "passcode that CONNECT must carry (default: none)"),
+    ("heart-beat", "10000,10000", "SX,SY", "offered heart-beats: send every SX ms, want one "
+                                           "every SY ms (0: never)"),
+    ("heart-beat-grace", 2.0, "N", "drop a client silent for N times its heart-beat interval"),
+    ("connect-timeout", 10.0, "SECS", "drop a connection that has not sent CONNECT by then"),
+    ("frame-timeout", 30.0, "SECS", "drop a client that takes longer to finish a frame"),
     ("max-headers", 100, "N", "most headers in one frame"),
-    ("max-header-line", 65536, "BYTES", "longest header line (the command line included)"),
+    ("max-header-line", 65536, "BYTES", "longest header line, the command line included"),
     ("max-body", 16 * 1024 * 1024, "BYTES", "largest frame body"),
-    ("max-outbound", 64 * 1024 * 1024, "BYTES",
-     "bytes waiting to be written to a client before it is dropped as too slow"),
+    ("max-outbound", 64 * 1024 * 1024, "BYTES", "drop a client this far behind in reading"),
     ("debug", False, None, "log connections and frames to stderr"),
 )
 DEFAULTS = {name: default for name, default, _, _ in OPTIONS}
@@ -98,7 +97,9 @@ class Options:
 def _convert(name, value):
     """Convert a setting (from code, a config file or the command line) to its option's type."""
     default = DEFAULTS[name]
-    if value is None or default is None:
+    if default is None:
+        return value or None        # "login =" in a config file means: none
+    if value is None:
         return value
     try:
         if isinstance(default, bool):
@@ -955,7 +956,9 @@ def _usage():
         flag = "--%s %s" % (name, metavar) if metavar else "--%s" % name
         if default is not None and default is not False:
             help_text += " (default: %s)" % default
-        lines.append("  %-26s %s" % (flag, help_text))
+        # docopt needs two spaces between an option and its description.
+        lines += textwrap.wrap(help_text, 79, initial_indent="  %-25s " % flag,
+                               subsequent_indent=" " * 28)
     return USAGE_HEAD + "\n".join(lines) + "\n"
 
 
@@ -968,10 +971,10 @@ Usage:
   pymq --version
 
 Options:
-  -h --help                  show this text
-  --version                  show the version
-  --config FILE              read options from FILE (INI, section [pymq], keys as below);
-                             the command line wins
+  -h --help                 show this text
+  --version                 show the version
+  --config FILE             read options from FILE (INI, section [pymq], keys as
+                            below); the command line wins
 """
 # Option defaults are written "(default: X)", not docopt's "[default: X]", so that docopt
 # reports options absent from the command line as None and the config file can fill them.

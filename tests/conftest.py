@@ -243,3 +243,64 @@ def stomp_client(broker):
     for conn in connections:
         if conn.is_connected():
             conn.disconnect()
+
+
+class BrokerProcess:
+    """`python pymq.py ARGS` in a subprocess, as ops run it; its port is read from its log."""
+
+    def __init__(self, *args, cwd=None):
+        import subprocess
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "pymq.py"), "--port", "0", *args], cwd=cwd,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines = queue.Queue()
+        self.log = []
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        match = self.wait_for_log(r"listening on (\S+):(\d+)")
+        self.address = (match.group(1), int(match.group(2)))
+
+    def _read_stderr(self):
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for_log(self, pattern, timeout=10):
+        import re
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            assert line is not None, "broker exited; log:\n" + "".join(self.log)
+            self.log.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def stop(self, signum=None, timeout=10):
+        """Send `signum` (default SIGTERM) and return the exit code."""
+        import signal
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum or signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def broker_process():
+    """broker_process(*args) -> a BrokerProcess, killed after the test if still running."""
+    processes = []
+
+    def start(*args, **kwargs):
+        process = BrokerProcess(*args, **kwargs)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait()

@@ -1,0 +1,163 @@
+"""pymq as ops run it (the command line, a config file, signals) and as programs embed it."""
+
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from docopt import docopt
+
+import pymq
+from conftest import ROOT, RawClient
+
+
+def run_pymq(*args, timeout=10):
+    return subprocess.run([sys.executable, str(ROOT / "pymq.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_help_is_the_docopt_usage_text():
+    result = run_pymq("--help")
+    assert result.returncode == 0
+    assert result.stdout.strip() == pymq.USAGE.strip()
+    for name in pymq.DEFAULTS:
+        assert "--" + name in result.stdout
+
+
+def test_version():
+    result = run_pymq("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == "pymq " + pymq.__version__
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "http"], "port"),
+    (["--port", "70000"], "not a TCP port"),
+    (["--heart-beat", "10"], "heart-beat"),
+    (["--max-body", "-1"], "negative"),
+    (["--config", "/nonexistent/pymq.conf"], "cannot read config file"),
+])
+def test_bad_options_exit_2_with_a_message(args, message):
+    result = run_pymq(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_unknown_option_prints_usage():
+    result = run_pymq("--no-such-option")
+    assert result.returncode != 0
+    assert "Usage:" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_run_line_serves_and_exits_cleanly_on_signal(broker_process, signum):
+    broker = broker_process()
+    assert broker.address[0] == "127.0.0.1"          # loopback unless told otherwise
+    client = RawClient(broker.address)
+    client.connect("1.2")
+    client.request("SUBSCRIBE", {"destination": "/topic/t", "id": "1"})
+    assert broker.stop(signum) == 0
+    assert client.expect("ERROR").headers["message"] == "server shutting down"
+    client.expect_closed()
+    assert not any("Traceback" in line for line in broker.log)
+
+
+def test_config_file_and_the_command_line_wins(broker_process, tmp_path):
+    config = tmp_path / "pymq.conf"
+    config.write_text("[pymq]\nlogin = alice\npasscode = s3cret\nmax-headers = 7\n")
+    broker = broker_process("--config", str(config), "--login", "bob")
+    client = RawClient(broker.address)
+    client.send("CONNECT", {"accept-version": "1.2", "login": "alice", "passcode": "s3cret"})
+    client.expect_error("bad credentials")
+    client = RawClient(broker.address)
+    client.connect("1.2", login="bob", passcode="s3cret")
+    client.send("SEND", {"destination": "/topic/t", **{"h%d" % i: "v" for i in range(8)}})
+    client.expect_error("too many headers")
+    assert broker.stop() == 0
+
+
+def test_options_merge_defaults_config_and_command_line(tmp_path):
+    config = tmp_path / "pymq.conf"
+    config.write_text("[pymq]\nport = 1234\nheart-beat-grace = 3\ndebug = yes\nlogin =\n")
+    args = docopt(pymq.USAGE, ["--config", str(config), "--port", "4321"])
+    options = pymq.options_from_args(args)
+    assert options.port == 4321                  # command line wins
+    assert options.heart_beat_grace == 3.0       # from the file, as its type
+    assert options.debug is True
+    assert options.login is None                 # empty means none
+    assert options.host == "127.0.0.1"           # default
+
+
+def test_config_file_errors(tmp_path):
+    config = tmp_path / "pymq.conf"
+    config.write_text("[pymq]\nprot = 1234\n")
+    result = run_pymq("--config", str(config))
+    assert result.returncode == 2 and "unknown option 'prot'" in result.stderr
+    config.write_text("[other]\nport = 1\n")
+    result = run_pymq("--config", str(config))
+    assert result.returncode == 2 and "no [pymq] section" in result.stderr
+
+
+def conf_file_settings():
+    text = (ROOT / "conf" / "pymq.conf").read_text()
+    return dict(re.findall(r"^#([a-z-]+) =[ ]?(.*)$", text, re.M))
+
+
+def test_conf_file_lists_every_option_with_its_default():
+    settings = conf_file_settings()
+    assert set(settings) == set(pymq.DEFAULTS)
+    for name, value in settings.items():
+        expected = pymq.DEFAULTS[name]
+        assert pymq._convert(name, value) == expected, name
+
+
+def test_conf_file_uncommented_is_a_valid_config(tmp_path):
+    text = (ROOT / "conf" / "pymq.conf").read_text()
+    config = tmp_path / "pymq.conf"
+    config.write_text(re.sub(r"^#([a-z-]+ =)", r"\1", text, flags=re.M))
+    options = pymq.options_from_args(docopt(pymq.USAGE, ["--config", str(config)]))
+    assert repr(options) == repr(pymq.Options())
+
+
+def test_readme_lists_every_option():
+    readme = (ROOT / "README.md").read_text()
+    for name in pymq.DEFAULTS:
+        assert "--" + name in readme, name
+
+
+def test_debug_logs_frames_to_stderr(broker_process):
+    broker = broker_process("--debug")
+    client = RawClient(broker.address)
+    client.connect("1.2")
+    broker.wait_for_log(r"CONNECT")
+    client.close()
+    assert broker.stop() == 0
+
+
+EMBEDDED_PROGRAM = textwrap.dedent("""
+    import logging, signal, sys
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    import gevent, gevent.monkey, gevent.socket
+    import pymq
+    assert not gevent.monkey.is_anything_patched(), "import pymq monkey-patched"
+    assert not logging.getLogger().handlers, "import pymq configured logging"
+    assert handlers == {s: signal.getsignal(s) for s in handlers}, "import pymq set signals"
+
+    server = pymq.start(host="127.0.0.1", port=0)
+    sock = gevent.socket.create_connection(server.address)
+    sock.sendall(b"CONNECT\\naccept-version:1.2\\n\\n\\0")
+    reply = sock.recv(4096)
+    assert reply.startswith(b"CONNECTED\\n"), reply
+    sock.close()
+    server.stop()
+    print("embedded ok", server.address[1] > 0)
+""")
+
+
+def test_embedded_in_a_gevent_program():
+    result = subprocess.run([sys.executable, "-c", EMBEDDED_PROGRAM], capture_output=True,
+                            text=True, timeout=30, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "embedded ok True"
