@@ -172,7 +172,9 @@ _UNESCAPE = {
 
 
 def escape(text, version):
-    return text.translate(_ESCAPE[version])
+    if "\\" in text or "\n" in text or ":" in text or "\r" in text:
+        return text.translate(_ESCAPE[version])
+    return text
 
 
 def unescape(text, version):
@@ -224,8 +226,9 @@ class FrameParser:
     bytes arrive, and raises ProtocolError when the stream breaks the protocol or a limit.
     `version` decides header unescaping; the connection sets it once a version is agreed, which
     is why frames are taken out one at a time. End-of-line bytes between frames are heart-beats.
-    The buffer never holds more than one partial frame beyond what a single feed() brought, and
-    never grows past the limits: content-length is checked before any body is awaited.
+    The buffer never holds more than one partial frame within the limits plus what the last
+    feed() brought: every header line is measured as it arrives, and content-length is checked
+    before any body is awaited. Line lengths count a line's "\r".
     """
 
     def __init__(self, max_headers=100, max_header_line=65536, max_body=16 * 1024 * 1024):
@@ -234,10 +237,14 @@ class FrameParser:
         self.max_body = max_body
         self.version = "1.0"
         self._buf = bytearray()
-        self._pos = 0           # start of the frame being parsed
-        self._scan = 0          # where the search for the end of the current part resumes
-        self._lines = 0         # header lines seen so far in the current frame
         self._head = None       # (command, headers, body_start, content_length) once parsed
+        self._begin_frame(0)
+
+    def _begin_frame(self, pos):
+        self._pos = pos         # start of the frame being parsed
+        self._scan = pos        # where the search for the end of the current part resumes
+        self._line = pos        # start of the header line still arriving
+        self._lines = 0         # complete lines of the header block so far
 
     @property
     def in_frame(self):
@@ -246,13 +253,13 @@ class FrameParser:
         return self._pos < len(self._buf)
 
     def feed(self, data):
-        if self._pos:
-            del self._buf[:self._pos]
-            self._scan -= self._pos
+        shift = self._pos
+        if shift:
+            del self._buf[:shift]
+            self._pos, self._scan, self._line = 0, self._scan - shift, self._line - shift
             if self._head is not None:
                 command, headers, body_start, length = self._head
-                self._head = (command, headers, body_start - self._pos, length)
-            self._pos = 0
+                self._head = (command, headers, body_start - shift, length)
         self._buf += data
 
     def next_frame(self):
@@ -261,9 +268,9 @@ class FrameParser:
         return self._read_body()
 
     def _skip_heartbeats(self):
-        buf, pos, end = self._buf, self._pos, len(self._buf)
         if self._head is not None:
             return
+        buf, pos, end = self._buf, self._pos, len(self._buf)
         while pos < end:
             if buf[pos] == 10:
                 pos += 1
@@ -272,22 +279,22 @@ class FrameParser:
             else:
                 break
         if pos != self._pos:
-            self._pos = self._scan = pos
+            self._begin_frame(pos)
 
     def _read_head(self):
         self._skip_heartbeats()
         buf, start, end = self._buf, self._pos, len(self._buf)
         if start == end:
             return False
-        # The header block ends at the first empty line ("\n\n" or "\n\r\n").
+        # The header block ends at the first empty line: "\n\n", or "\n\r\n" before that.
         block_end = buf.find(b"\n\n", self._scan)
-        crlf_end = buf.find(b"\n\r\n", self._scan)
-        if crlf_end >= 0 and (block_end < 0 or crlf_end < block_end):
+        crlf_end = buf.find(b"\n\r\n", self._scan, end if block_end < 0 else block_end + 2)
+        if crlf_end >= 0:
             block_end, body_start = crlf_end, crlf_end + 3
         else:
             body_start = block_end + 2
         if block_end < 0:
-            self._check_partial_head(start, end)
+            self._check_partial_head(end)
             return False
         lines = bytes(buf[start:block_end]).split(b"\n")
         if len(lines) - 1 > self.max_headers:
@@ -296,8 +303,6 @@ class FrameParser:
         escaped = self.version != "1.0" and command not in _UNESCAPED_FRAMES
         headers = {}
         for line in lines[1:]:
-            if len(line) > self.max_header_line:
-                raise ProtocolError("header line longer than %d bytes" % self.max_header_line)
             text = self._decode(line, "header")
             name, colon, value = text.partition(":")
             if not colon:
@@ -309,39 +314,49 @@ class FrameParser:
             headers.setdefault(name, value)      # a repeated header: the first one wins
         length = headers.get("content-length")
         if length is not None:
-            length = length.strip()
-            if not (length.isascii() and length.isdigit()):
-                raise ProtocolError("invalid content-length %r" % length[:100])
-            length = int(length)
-            if length > self.max_body:
-                raise ProtocolError("body of %d bytes is over the limit of %d bytes"
-                                    % (length, self.max_body))
+            length = self._content_length(length, headers.get("receipt"))
         self._head = (command, headers, body_start, length)
         self._scan = body_start
         return True
 
-    def _check_partial_head(self, start, end):
-        # Limits on a header block still arriving: count its lines as they come, and measure
-        # the line still open, so a client cannot make us buffer an endless header.
-        self._lines += self._buf.count(b"\n", self._scan, end)
+    def _check_partial_head(self, end):
+        # A header block still arriving: measure each line as it completes, and the one still
+        # open, so that a client cannot make us buffer an endless header.
+        buf, line = self._buf, self._line
+        newline = buf.find(b"\n", line, end)
+        while newline >= 0:
+            if newline - line > self.max_header_line:
+                raise ProtocolError("header line longer than %d bytes" % self.max_header_line)
+            self._lines += 1
+            line = newline + 1
+            newline = buf.find(b"\n", line, end)
         if self._lines > self.max_headers + 1:
             raise ProtocolError("too many headers (the limit is %d)" % self.max_headers)
-        last_line = self._buf.rfind(b"\n", start, end) + 1 or start
-        if end - last_line > self.max_header_line:
+        if end - line > self.max_header_line:
             raise ProtocolError("header line longer than %d bytes" % self.max_header_line)
-        self._scan = max(start, end - 2)   # an empty line split across feeds is still found
-        if self._scan > start:
-            self._lines -= self._buf.count(b"\n", self._scan, end)
+        self._line = line
+        self._scan = max(self._pos, end - 2)   # an empty line split across feeds is still found
 
     def _decode(self, line, what):
+        if len(line) > self.max_header_line:
+            raise ProtocolError("%s line longer than %d bytes" % (what, self.max_header_line))
         if line.endswith(b"\r"):
             line = line[:-1]
-        if what == "command" and len(line) > self.max_header_line:
-            raise ProtocolError("command line longer than %d bytes" % self.max_header_line)
         try:
             return line.decode()
         except UnicodeDecodeError:
             raise ProtocolError("%s is not valid UTF-8" % what)
+
+    def _content_length(self, text, receipt):
+        text = text.strip()
+        if not (text.isascii() and text.isdigit()):
+            raise ProtocolError("invalid content-length %r" % text[:100], receipt)
+        # Compare digits before converting: int() of thousands of digits is slow, or refused.
+        digits = text.lstrip("0") or "0"
+        if len(digits) > len(str(self.max_body)) or int(digits) > self.max_body:
+            raise ProtocolError("body of %s bytes is over the limit of %d bytes"
+                                % (digits[:30], self.max_body), receipt)
+        return int(digits)
 
     def _read_body(self):
         command, headers, body_start, length = self._head
@@ -351,20 +366,20 @@ class FrameParser:
                 return None
             if buf[body_start + length] != 0:
                 raise ProtocolError("frame body is not followed by a NUL byte "
-                                    "(is content-length right?)")
+                                    "(is content-length right?)", headers.get("receipt"))
             nul = body_start + length
         else:
             nul = buf.find(0, self._scan)
+            size = (len(buf) if nul < 0 else nul) - body_start
+            if size > self.max_body:
+                raise ProtocolError("body over the limit of %d bytes (or no NUL byte ends the "
+                                    "frame)" % self.max_body, headers.get("receipt"))
             if nul < 0:
-                if len(buf) - body_start > self.max_body:
-                    raise ProtocolError("body over the limit of %d bytes (or no NUL byte ends "
-                                        "the frame)" % self.max_body)
                 self._scan = len(buf)
                 return None
         body = bytes(buf[body_start:nul])
         self._head = None
-        self._pos = self._scan = nul + 1
-        self._lines = 0
+        self._begin_frame(nul + 1)
         return Frame(command, headers, body)
 
 
@@ -709,7 +724,8 @@ class Connection:
         self.send_interval = self.recv_interval = 0.0   # heart-beats, seconds
         self._frame_started = None     # when the first byte of an unfinished frame arrived
         self._out = []                 # encoded bytes waiting for the writer
-        self._out_bytes = 0
+        self._out_bytes = 0            # ... and their size
+        self._writing = 0              # size of the sendall in progress: memory held too
         self._wake = gevent.event.Event()
         self._writer = None
         self._heart = None
@@ -731,14 +747,16 @@ class Connection:
             return
         self._out.extend(chunks)
         self._out_bytes += sum(map(len, chunks))
-        if self._out_bytes > self.broker.options.max_outbound:
+        if self._out_bytes + self._writing > self.broker.options.max_outbound:
+            # A consumer that does not read must not grow our memory: drop what it has not
+            # taken and disconnect it. The ERROR reaches it only if it starts reading again.
             self.broker.stats["slow_consumers"] += 1
-            log.warning("%r: dropped, %d bytes waiting to be written (max-outbound)",
-                        self, self._out_bytes)
-            # The socket is not draining, so an ERROR would sit behind the same backlog.
+            log.warning("%r: disconnected, %d bytes waiting to be written (max-outbound)",
+                        self, self._out_bytes + self._writing)
             self._out.clear()
-            self.closing = True
-            self.sock.close()
+            self._out_bytes = 0
+            self.abort("slow consumer: more than %d bytes waiting to be read"
+                       % self.broker.options.max_outbound)
         self._wake.set()
 
     def send_frame(self, command, headers, body=b""):
@@ -750,6 +768,14 @@ class Connection:
             self.send_frame(*last_frame)
         self.closing = True
         self._wake.set()
+
+    def abort(self, message):
+        """Close with an ERROR from outside the reader, which may be waiting for the client."""
+        self.close(("ERROR", {"message": message}))
+        try:
+            self.sock.shutdown(socket.SHUT_RD)      # wakes the reader
+        except OSError:
+            pass
 
     # -- the greenlets -------------------------------------------------------------------------
 
@@ -794,17 +820,19 @@ class Connection:
                 return
             self.last_read = time.monotonic()
             parser.feed(data)
+            finished = False
             while not self.closing:
                 frame = parser.next_frame()
                 if frame is None:
                     break
+                finished = True
                 log.debug("%r: %s", self, frame.command)
                 handle(self, frame)
-            if parser.in_frame:
-                if self._frame_started is None:
-                    self._frame_started = self.last_read
-            else:
+            # frame-timeout counts from the first byte of the frame still unfinished.
+            if not parser.in_frame:
                 self._frame_started = None
+            elif finished or self._frame_started is None:
+                self._frame_started = self.last_read
 
     def _read_timeout(self):
         """Seconds until the nearest reading deadline; raise ProtocolError if one has passed."""
@@ -836,8 +864,9 @@ class Connection:
                 while self._out:
                     data = b"".join(self._out)
                     self._out.clear()
-                    self._out_bytes = 0
+                    self._out_bytes, self._writing = 0, len(data)
                     self.sock.sendall(data)
+                    self._writing = 0
                     self.last_write = time.monotonic()
                 if self.closing:
                     return
@@ -930,11 +959,7 @@ class Server:
             return
         self._server.close()
         for conn in list(self.connections):
-            conn.close(("ERROR", {"message": "server shutting down"}))
-            try:
-                conn.sock.shutdown(socket.SHUT_RD)       # wakes the reader
-            except OSError:
-                pass
+            conn.abort("server shutting down")
         self._server.stop(timeout=timeout)
         log.info("pymq stopped")
         self._stopped.set()

@@ -337,3 +337,39 @@ def test_heart_beats_with_stomp_py(start_broker, stomp_client):
     conn.send("/topic/t", "still here")
     assert listener.next_message().body == "still here"
     assert listener.errors.empty()
+
+
+# -- slow consumers ----------------------------------------------------------------------------
+
+def test_slow_topic_consumer_is_disconnected_and_counted(start_broker):
+    from conftest import RawClient
+    broker = start_broker(max_outbound=256 * 1024)
+    slow = RawClient(broker.address)
+    slow.connect("1.2")
+    slow.request("SUBSCRIBE", {"destination": "/topic/firehose", "id": "1"})
+    publisher = RawClient(broker.address)
+    publisher.connect("1.2")
+    body = b"x" * 10000
+    for _ in range(5000):   # up to 50 MB: more than the socket buffers hold, and max-outbound
+        publisher.request("SEND", {"destination": "/topic/firehose"}, body)
+        if broker.stats["slow_consumers"]:
+            break
+    assert broker.stats["slow_consumers"] == 1
+    publisher.request("SEND", {"destination": "/control/count-subscribers/topic/firehose"})
+    # Once it reads again, the slow consumer finds what was already on its way, then the end:
+    # the ERROR when it got through before the broker gave up on the backlog.
+    slow.sock.settimeout(10)
+    while True:
+        frame = slow.parser.next_frame()
+        if frame is None:
+            data = slow.sock.recv(65536)
+            if not data:
+                break
+            slow.parser.feed(data)
+        elif frame.command == "ERROR":
+            assert "slow consumer" in frame.headers["message"]
+            slow.expect_closed()
+            break
+        else:
+            assert frame.command == "MESSAGE"
+    assert count_subscribers(publisher, "firehose") == 0
