@@ -25,7 +25,9 @@ The file reads top-down in data-flow order: options and limits, frame codec, bro
 connection, server, command line.
 """
 
+import collections
 import configparser
+import heapq
 import hmac
 import itertools
 import logging
@@ -39,6 +41,8 @@ import time
 import gevent
 import gevent.event
 import gevent.server
+
+import pymq_storage
 
 __version__ = "0.1.0"
 SERVER_NAME = "pymq/" + __version__
@@ -65,6 +69,16 @@ OPTIONS = (
     ("max-header-line", 65536, "BYTES", "longest header line, the command line included"),
     ("max-body", 16 * 1024 * 1024, "BYTES", "largest frame body"),
     ("max-outbound", 64 * 1024 * 1024, "BYTES", "drop a client this far behind in reading"),
+    ("db", "pymq.db", "URL", "message store: a SQLite file, sqlite:///PATH, or memory: "
+                             "(not durable)"),
+    ("async-budget", 32 * 1024 * 1024, "BYTES", "bytes of SENDs without a receipt that may "
+                                               "wait to be stored before senders are paused"),
+    ("max-prefetch", 100, "N", "most unacknowledged messages per queue subscription; the "
+                               "prefetch of a SUBSCRIBE without one"),
+    ("default-ack", "auto", "MODE", "ack mode of a SUBSCRIBE without one: auto, client or "
+                                    "client-individual (ocamlmq's behaviour)"),
+    ("ack-timeout", 0.0, "SECS", "redeliver a message not ACKed in time, unless its SEND had "
+                                 "an ack-timeout header (0: never)"),
     ("debug", False, None, "log connections and frames to stderr"),
 )
 DEFAULTS = {name: default for name, default, _, _ in OPTIONS}
@@ -88,6 +102,11 @@ class Options:
                 raise ValueError("unknown option %r" % key)
             setattr(self, key.replace("-", "_"), _convert(name, value))
         self.heart_beat_ms = _parse_heart_beat(self.heart_beat)
+        if self.default_ack not in ACK_MODES:
+            raise ValueError("option default-ack: %r is not one of %s"
+                             % (self.default_ack, ", ".join(ACK_MODES)))
+        if self.max_prefetch < 1:
+            raise ValueError("option max-prefetch: must be at least 1")
 
     def __repr__(self):
         return "Options(%s)" % ", ".join(
@@ -384,55 +403,125 @@ class FrameParser:
 
 
 # ---------------------------------------------------------------------------------------------
-# Broker: the one shared object. It owns destinations and subscriptions and decides what each
-# frame does; it never touches a socket, it calls Connection.send() and Connection.close().
+# Broker: the one shared object. It owns destinations, subscriptions, in-flight messages and the
+# ack-timeout clock, and decides what each frame does; it never touches a socket, it calls
+# Connection.send(), send_receipt() and close(), and the storage.
+#
+# A queue message's life: SEND -> stored (the RECEIPT waits for the commit) -> ready (in an
+# active queue's buffer, or only in storage) -> in flight to one subscription -> ACKed (deleted)
+# or back to ready, marked redelivered (NACK, ack-timeout, UNSUBSCRIBE, connection lost).
 # ---------------------------------------------------------------------------------------------
 
-class Subscription:
-    __slots__ = ("conn", "id", "destination", "ack", "header")
+ACK_MODES = ("auto", "client", "client-individual")
+PREFETCH_HEADERS = ("prefetch", "prefetch-count", "activemq.prefetchSize")
+# Headers of a SEND that the broker sets itself on the MESSAGE, or that only concern the SEND.
+_NOT_FORWARDED = frozenset(("destination", "message-id", "subscription", "ack", "receipt",
+                            "content-length", "transaction", "redelivered"))
+MAX_TRANSACTION_FRAMES = 10000   # bounds the memory a client can park in an open transaction
+REFILL_BATCH = 500               # messages an active queue loads from storage at a time...
+REFILL_BYTES = 8 * 1024 * 1024   # ...and at most this many bytes of them
+QUEUE_BACKLOG = 256 * 1024       # bytes unwritten to a connection before queues skip it
+REDELIVERED = "earlier consumer" # the previous consumer of a message that came back from idle
 
-    def __init__(self, conn, sub_id, destination, ack):
+
+class Subscription:
+    __slots__ = ("conn", "id", "destination", "ack", "header", "queue", "prefetch", "in_flight")
+
+    def __init__(self, conn, sub_id, destination, ack, queue=None, prefetch=0):
         self.conn = conn
         self.id = sub_id
         self.destination = destination
         self.ack = ack
         # Encoded once: every MESSAGE to this subscription starts with it.
         self.header = ("MESSAGE\nsubscription:%s\n" % escape(sub_id, conn.version)).encode()
+        self.queue = queue            # the Queue, for a queue subscription
+        self.prefetch = prefetch      # most messages in flight (acked modes)
+        self.in_flight = {}           # message id -> InFlight, in delivery order
+
+    def ready(self):
+        """Can take one more queue message now."""
+        conn = self.conn
+        return ((self.ack == "auto" or len(self.in_flight) < self.prefetch)
+                and not conn.closing and conn.backlog < QUEUE_BACKLOG)
 
 
-ACK_MODES = ("auto", "client", "client-individual")
-# Headers of a SEND that the broker sets itself on the MESSAGE, or that only concern the SEND.
-_NOT_FORWARDED = frozenset(("destination", "message-id", "subscription", "ack", "receipt",
-                            "content-length", "transaction"))
-MAX_TRANSACTION_FRAMES = 10000   # bounds the memory a client can park in an open transaction
+class InFlight:
+    """A queue message delivered to a subscription and not yet ACKed."""
+    __slots__ = ("message", "sub", "deadline")
+
+    def __init__(self, message, sub, deadline):
+        self.message = message
+        self.sub = sub                # None once ACKed or returned: the timer entry is dead
+        self.deadline = deadline
+
+
+class Queue:
+    """An active queue: one with subscribers. Its messages live in storage; this holds a
+    bounded buffer of ready ones, refilled from storage in delivery order.
+
+    The buffer invariant: every stored message of the queue that is not in memory (ready or in
+    flight, i.e. in `held`) has a key after `cursor`; `exhausted` means storage has none."""
+
+    __slots__ = ("name", "subs", "next_sub", "ready", "held", "cursor", "exhausted",
+                 "refilling", "acked_while_refilling", "returned")
+
+    def __init__(self, name, returned):
+        self.name = name
+        self.subs = []                # round-robin order
+        self.next_sub = 0
+        self.ready = []               # heap of (key, message, previous connection or None)
+        self.held = set()             # seqs ready or in flight
+        self.cursor = None            # key of the last message loaded from storage
+        self.exhausted = False
+        self.refilling = False
+        self.acked_while_refilling = set()
+        self.returned = returned      # seqs delivered before and not ACKed, not in memory
 
 
 class Broker:
-    def __init__(self, options=None):
+    def __init__(self, options=None, storage=None):
         self.options = options or Options()
+        self.storage = storage
         self.connections = set()
         self._sessions = itertools.count(1)
-        # Message ids: unique across restarts because each process start gets its own prefix.
+        # Topic message ids: unique across restarts because each start gets its own prefix.
+        # Queue message ids are the stored sequence numbers, unique across restarts too.
         self._id_prefix = "%x-" % time.time_ns()
         self._message_seq = itertools.count(1)
         self.topics = {}            # topic name -> {Subscription: None} (exact subscriptions)
         self.prefixes = {}          # prefix -> {Subscription: None} ("/topic/prefix*")
         self.prefix_lengths = {}    # prefix length -> how many prefixes have it
-        self.stats = dict.fromkeys(("connections", "messages_in", "messages_out",
+        self.queues = {}            # queue name -> Queue, only while it has subscribers
+        # queue name -> seqs of messages that were in flight when the queue lost its last
+        # subscriber: all an idle queue keeps in memory, so that they come back redelivered.
+        self.returned = {}
+        self._timers = []           # heap of (deadline, n, InFlight): the ack-timeout clock
+        self._dead_timers = 0       # entries whose message was ACKed or returned meanwhile
+        self._timer_ids = itertools.count()
+        self._timer_wake = gevent.event.Event()
+        self._timer_loop = None
+        self.stats = dict.fromkeys(("connections", "messages_in", "messages_out", "redelivered",
                                     "protocol_errors", "slow_consumers"), 0)
         self._handlers = {
             "SEND": self.on_send, "SUBSCRIBE": self.on_subscribe,
-            "UNSUBSCRIBE": self.on_unsubscribe, "ACK": self.on_ack, "NACK": self.on_ack,
+            "UNSUBSCRIBE": self.on_unsubscribe, "ACK": self.on_ack, "NACK": self.on_nack,
             "BEGIN": self.on_begin, "COMMIT": self.on_commit, "ABORT": self.on_abort,
             "DISCONNECT": self.on_disconnect,
         }
 
+    def start(self):
+        self._timer_loop = gevent.spawn(self._run_timers)
+
+    def stop(self):
+        if self._timer_loop is not None:
+            self._timer_loop.kill()
+
     # -- connections -------------------------------------------------------------------------
 
     def handle(self, conn, frame):
-        """Carry out one frame from `conn` and send the RECEIPT it asks for, with any headers
-        the handler answered (control destinations). Raises ProtocolError for the connection
-        to report."""
+        """Carry out one frame from `conn` and send the RECEIPT it asks for: at once, with any
+        headers the handler answered (control destinations), or once the Batch the handler
+        returned is durable (queue SENDs). Raises ProtocolError for the connection to report."""
         try:
             if conn.version is None:
                 if frame.command not in ("CONNECT", "STOMP"):
@@ -452,9 +541,10 @@ class Broker:
             receipt = frame.headers.get("receipt")
             if receipt is not None and frame.command != "DISCONNECT":
                 headers = {"receipt-id": receipt}
-                if answer:
+                if isinstance(answer, dict):
                     headers.update(answer)
-                conn.send_frame("RECEIPT", headers)
+                    answer = None
+                conn.send_receipt(headers, after=answer)
         except ProtocolError as error:
             if error.receipt is None:
                 error.receipt = frame.headers.get("receipt")
@@ -478,7 +568,8 @@ class Broker:
                                       "heart-beat": "%d,%d" % (send_ms, recv_ms)})
 
     def disconnected(self, conn):
-        """The connection is gone (for whatever reason): forget everything it had."""
+        """The connection is gone (for whatever reason): forget everything it had; its messages
+        in flight go back to their queues at once."""
         for sub in list(conn.subscriptions.values()):
             self._remove_subscription(sub)
         conn.subscriptions.clear()
@@ -487,10 +578,12 @@ class Broker:
 
     def on_disconnect(self, conn, frame):
         # Forget the connection before the RECEIPT goes out: a client holding it can rely on
-        # its subscriptions being gone.
+        # its subscriptions being gone and its unacknowledged messages being back in the queue.
         self.disconnected(conn)
         receipt = frame.headers.get("receipt")
-        conn.close(("RECEIPT", {"receipt-id": receipt}) if receipt is not None else None)
+        if receipt is not None:
+            conn.send_receipt({"receipt-id": receipt})
+        conn.close()
 
     # -- SEND ----------------------------------------------------------------------------------
 
@@ -502,7 +595,7 @@ class Broker:
         elif kind == "control":
             return self.control(name)
         else:
-            raise ProtocolError("queues are not yet supported")
+            return self.enqueue(name, frame)
 
     def publish(self, topic, frame):
         """Broadcast a SEND to every subscription matching `topic`."""
@@ -535,14 +628,49 @@ class Broker:
                 subs.extend(self.prefixes.get(topic[:length], ()))
         return subs
 
+    def enqueue(self, name, frame):
+        """Store a SEND to a queue; returns the Batch that makes it durable. The message may
+        be delivered before that: an ACK that comes first cancels the write."""
+        headers = frame.headers
+        priority = headers.get("priority", "4")
+        if not (priority.isascii() and priority.isdigit() and int(priority) <= 9):
+            raise ProtocolError("priority must be an integer from 0 to 9, not %r" % priority[:20])
+        try:
+            ack_timeout = float(headers.get("ack-timeout", 0))
+        except ValueError:
+            ack_timeout = -1.0
+        if not 0 <= ack_timeout < 1e9:
+            raise ProtocolError("ack-timeout must be a number of seconds, not %r"
+                                % headers["ack-timeout"][:20])
+        user_headers = [(k, v) for k, v in headers.items() if k not in _NOT_FORWARDED]
+        message = self.storage.new_message(name, int(priority), ack_timeout, user_headers,
+                                           frame.body)
+        batch = self.storage.save(message)
+        queue = self.queues.get(name)
+        if queue is not None:
+            # In memory only if the buffer invariant needs it (or it costs no storage read).
+            if queue.refilling or queue.exhausted or message.key < queue.cursor:
+                self._make_ready(queue, message)
+            self._dispatch(queue)
+        # Backpressure: past the async budget, this sender's reads wait for the writer.
+        self.storage.wait_for_budget(self.options.async_budget)
+        return batch
+
     def control(self, name):
         """A SEND to /control/NAME: the answer goes into the RECEIPT's headers."""
-        if name.startswith("count-subscribers/topic/"):
-            topic = name[len("count-subscribers/topic/"):]
-            return {"num-subscribers": str(len(self.topic_subscriptions(topic)))}
-        if name.startswith(("count-subscribers/queue/", "count-msgs/queue/")):
-            raise ProtocolError("queues are not yet supported")
-        raise ProtocolError("unknown control destination /control/%s" % name[:100])
+        for prefix in ("count-subscribers/topic/", "count-subscribers/queue/",
+                       "count-msgs/queue/"):
+            if name.startswith(prefix) and len(name) > len(prefix):
+                target = name[len(prefix):]
+                break
+        else:
+            raise ProtocolError("unknown control destination /control/%s" % name[:100])
+        if prefix == "count-subscribers/topic/":
+            return {"num-subscribers": str(len(self.topic_subscriptions(target)))}
+        if prefix == "count-subscribers/queue/":
+            queue = self.queues.get(target)
+            return {"num-subscribers": str(len(queue.subs) if queue else 0)}
+        return {"num-messages": str(self.storage.count(target))}
 
     # -- SUBSCRIBE / UNSUBSCRIBE ---------------------------------------------------------------
 
@@ -552,10 +680,8 @@ class Broker:
         kind, name = parse_destination(destination)
         if kind == "control":
             raise ProtocolError("cannot subscribe to a /control/ destination")
-        if kind == "queue":
-            raise ProtocolError("queues are not yet supported")
         sub_id = headers.get("id", destination)    # 1.0 clients may omit the id
-        ack = headers.get("ack", "auto")
+        ack = headers.get("ack", self.options.default_ack)
         if ack not in ACK_MODES:
             raise ProtocolError("unknown ack mode %r" % ack[:100])
         existing = conn.subscriptions.get(sub_id)
@@ -563,6 +689,16 @@ class Broker:
             if existing.destination != destination:
                 raise ProtocolError("subscription id %r is already in use" % sub_id[:100])
             self._remove_subscription(existing)     # re-subscribing replaces, e.g. the ack mode
+        if kind == "queue":
+            sub = Subscription(conn, sub_id, destination, ack, prefetch=self._prefetch(headers))
+            conn.subscriptions[sub_id] = sub
+            queue = self.queues.get(name)
+            if queue is None:
+                queue = self.queues[name] = Queue(name, self.returned.pop(name, set()))
+            sub.queue = queue
+            queue.subs.append(sub)
+            self._dispatch(queue)
+            return
         sub = Subscription(conn, sub_id, destination, ack)
         conn.subscriptions[sub_id] = sub
         if name.endswith("*"):
@@ -574,6 +710,16 @@ class Broker:
             subs[sub] = None
         else:
             self.topics.setdefault(name, {})[sub] = None
+
+    def _prefetch(self, headers):
+        limit = self.options.max_prefetch
+        for name in PREFETCH_HEADERS:
+            value = headers.get(name)
+            if value is not None:
+                value = value.strip()
+                if value.isascii() and value.isdigit() and int(value) > 0:
+                    return min(int(value), limit)
+        return limit
 
     def on_unsubscribe(self, conn, frame):
         headers = frame.headers
@@ -594,6 +740,21 @@ class Broker:
         self._remove_subscription(sub)
 
     def _remove_subscription(self, sub):
+        """Final: nothing (a late ACK, a timeout) brings the subscription back."""
+        queue = sub.queue
+        if queue is not None:
+            queue.subs.remove(sub)
+            for in_flight in list(sub.in_flight.values()):
+                self._return(in_flight)
+            if queue.subs:
+                self._dispatch(queue)
+            else:
+                del self.queues[queue.name]      # its messages are all in storage
+                queue.returned.update(message.seq for _, message, previous in queue.ready
+                                      if previous is not None)
+                if queue.returned:
+                    self.returned[queue.name] = queue.returned
+            return
         name = sub.destination[len("/topic/"):]
         if name.endswith("*"):
             prefix = name[:-1]
@@ -612,14 +773,219 @@ class Broker:
             if not subs:
                 del self.topics[name]
 
+    # -- queue delivery ------------------------------------------------------------------------
+
+    def _make_ready(self, queue, message, previous=None):
+        heapq.heappush(queue.ready, (message.key, message, previous))
+        queue.held.add(message.seq)
+
+    def _trim(self, queue):
+        """Keep the buffer bounded: forget the last fresh messages (they are in storage) and
+        move the cursor back before them. Redelivered ones stay, to keep their mark. Never
+        during a refill, whose result would move the cursor past what was forgotten."""
+        entries = sorted(queue.ready)
+        kept = entries[:REFILL_BATCH]
+        for entry in entries[REFILL_BATCH:]:
+            if entry[2] is not None:
+                kept.append(entry)
+            else:
+                queue.held.discard(entry[1].seq)
+        if queue.cursor is not None:
+            queue.cursor = min(queue.cursor, entries[REFILL_BATCH - 1][0])
+        queue.exhausted = False
+        heapq.heapify(kept)
+        queue.ready = kept
+
+    def _dispatch(self, queue):
+        """Deliver ready messages round-robin to subscriptions that can take one."""
+        ready = queue.ready
+        while ready:
+            sub = self._next_subscription(queue, avoid=ready[0][2])
+            if sub is None:
+                break
+            _, message, previous = heapq.heappop(ready)
+            self._deliver(queue, sub, message, redelivered=previous is not None)
+        if queue.refilling:
+            return
+        if len(ready) > 2 * REFILL_BATCH:
+            self._trim(queue)
+        elif len(ready) < REFILL_BATCH // 2 and not queue.exhausted:
+            queue.refilling = True
+            gevent.spawn(self._refill, queue)
+
+    def _next_subscription(self, queue, avoid=None):
+        """The next ready subscription in round-robin order, another connection than `avoid`
+        (a redelivered message's last consumer) when one is ready."""
+        subs = queue.subs
+        count = len(subs)
+        fallback = None
+        for i in range(count):
+            index = (queue.next_sub + i) % count
+            sub = subs[index]
+            if sub.ready():
+                if sub.conn is avoid and fallback is None:
+                    fallback = index
+                    continue
+                queue.next_sub = index + 1
+                return sub
+            if not sub.conn.closing and sub.conn.backlog >= QUEUE_BACKLOG:
+                sub.conn.wants_drain = True
+        if fallback is not None:
+            queue.next_sub = fallback + 1
+            return subs[fallback]
+        return None
+
+    def _deliver(self, queue, sub, message, redelivered):
+        conn = sub.conn
+        message_id = str(message.seq)
+        extra = "message-id:%s\n" % message_id
+        if sub.ack != "auto":
+            if conn.version == "1.2":
+                extra += "ack:%s\n" % message_id
+            timeout = message.ack_timeout or self.options.ack_timeout
+            in_flight = InFlight(message, sub, time.monotonic() + timeout if timeout else None)
+            sub.in_flight[message_id] = in_flight
+            conn.in_flight[message_id] = in_flight
+            if timeout:
+                self._add_timer(in_flight)
+        else:
+            self._forget(queue, message.seq)        # auto: acknowledged once sent
+        if redelivered:
+            extra += "redelivered:true\n"
+            self.stats["redelivered"] += 1
+        headers = message.headers + [("destination", "/queue/" + queue.name)]
+        conn.send((sub.header, extra.encode(),
+                   encode_rest(headers, message.body, conn.version, conn.version != "1.0")))
+        self.stats["messages_out"] += 1
+
+    def _forget(self, queue, seq):
+        """The message is done with: delete it from storage and from the queue's memory."""
+        self.storage.delete(seq)
+        queue.held.discard(seq)
+        queue.returned.discard(seq)
+        if queue.refilling:
+            queue.acked_while_refilling.add(seq)
+
+    def _land(self, in_flight):
+        """Take a message out of flight; returns the subscription it was in flight to."""
+        sub = in_flight.sub
+        message_id = str(in_flight.message.seq)
+        del sub.in_flight[message_id]
+        del sub.conn.in_flight[message_id]
+        in_flight.sub = None
+        if in_flight.deadline is not None:
+            self._dead_timers += 1
+        return sub
+
+    def _return(self, in_flight):
+        """Put a message in flight back into its queue, marked redelivered."""
+        sub = self._land(in_flight)
+        queue = sub.queue
+        if self.queues.get(queue.name) is queue:
+            heapq.heappush(queue.ready, (in_flight.message.key, in_flight.message, sub.conn))
+        return queue
+
+    def _refill(self, queue):
+        try:
+            messages = self.storage.load(queue.name, queue.cursor, REFILL_BATCH)
+        except Exception:
+            log.exception("queue %s: cannot load messages", queue.name)
+            messages = None
+        queue.refilling = False
+        acked, queue.acked_while_refilling = queue.acked_while_refilling, set()
+        if self.queues.get(queue.name) is not queue or messages is None:
+            return
+        budget = REFILL_BYTES
+        for message in messages:
+            queue.cursor = message.key
+            if message.seq in queue.held or message.seq in acked:
+                continue
+            previous = None
+            if message.seq in queue.returned:
+                queue.returned.discard(message.seq)
+                previous = REDELIVERED
+            heapq.heappush(queue.ready, (message.key, message, previous))
+            queue.held.add(message.seq)
+            budget -= message.size
+            if budget <= 0:
+                break
+        else:
+            queue.exhausted = len(messages) < REFILL_BATCH
+        self._dispatch(queue)
+
+    def drained(self, conn):
+        """The connection's outbound buffer emptied: its queues may deliver again."""
+        for sub in list(conn.subscriptions.values()):
+            if sub.queue is not None and self.queues.get(sub.queue.name) is sub.queue:
+                self._dispatch(sub.queue)
+
     # -- ACK / NACK ----------------------------------------------------------------------------
 
-    def on_ack(self, conn, frame):
-        # Topic messages need no acknowledgement; an ACK for anything not pending is ignored
-        # quietly (ocamlmq-style clients ACK even in auto mode). Only a malformed one is an error.
+    def _acked(self, conn, frame):
+        """The in-flight messages an ACK or NACK frame covers: one, or in `client` mode every
+        earlier one of the same subscription too. Unknown ids cover nothing (ignored quietly:
+        ocamlmq-style clients ACK even in auto mode, and a late ACK is harmless)."""
         key = "id" if conn.version == "1.2" else "message-id"
-        if key not in frame.headers:
+        message_id = frame.headers.get(key)
+        if message_id is None:
             raise ProtocolError("%s needs a %s header" % (frame.command, key))
+        in_flight = conn.in_flight.get(message_id)
+        if in_flight is None:
+            return []
+        sub = in_flight.sub
+        if sub.ack != "client":
+            return [in_flight]
+        covered = []
+        for other in sub.in_flight.values():
+            covered.append(other)
+            if other is in_flight:
+                return covered
+
+    def on_ack(self, conn, frame):
+        queues = set()
+        for in_flight in self._acked(conn, frame):
+            sub = self._land(in_flight)
+            self._forget(sub.queue, in_flight.message.seq)
+            queues.add(sub.queue)
+        for queue in queues:
+            self._dispatch(queue)
+
+    def on_nack(self, conn, frame):
+        for queue in {self._return(in_flight) for in_flight in self._acked(conn, frame)}:
+            if self.queues.get(queue.name) is queue:
+                self._dispatch(queue)
+
+    # -- the ack-timeout clock -----------------------------------------------------------------
+
+    def _add_timer(self, in_flight):
+        timers = self._timers
+        heapq.heappush(timers, (in_flight.deadline, next(self._timer_ids), in_flight))
+        if timers[0][2] is in_flight:
+            self._timer_wake.set()      # a new earliest deadline
+        if self._dead_timers > 1000 and self._dead_timers > len(timers) // 2:
+            self._timers = [entry for entry in timers if entry[2].sub is not None]
+            heapq.heapify(self._timers)
+            self._dead_timers = 0
+
+    def _run_timers(self):
+        """One greenlet for every ack timeout: sleep until the earliest deadline, return what
+        has expired, repeat. An ACK just leaves a dead entry behind."""
+        while True:
+            now = time.monotonic()
+            timers = self._timers
+            queues = set()
+            while timers and timers[0][0] <= now:
+                in_flight = heapq.heappop(timers)[2]
+                if in_flight.sub is None:
+                    self._dead_timers -= 1
+                else:
+                    log.debug("message %d: ack timeout", in_flight.message.seq)
+                    queues.add(self._return(in_flight))
+            for queue in queues:
+                if self.queues.get(queue.name) is queue:
+                    self._dispatch(queue)
+            self._timer_wake.clear()
+            self._timer_wake.wait(timers[0][0] - now if timers else None)
 
     # -- transactions --------------------------------------------------------------------------
 
@@ -644,10 +1010,16 @@ class Broker:
         conn.transactions[tx] = []
 
     def on_commit(self, conn, frame):
+        """Carry out the transaction's frames; the RECEIPT waits for the last durable write
+        (batches commit in order)."""
         frames = self._in_transaction(conn, self._transaction_header(frame))
         del conn.transactions[frame.headers["transaction"]]
+        last_batch = None
         for pending in frames:
-            self._handlers[pending.command](conn, pending)
+            answer = self._handlers[pending.command](conn, pending)
+            if answer is not None and not isinstance(answer, dict):
+                last_batch = answer
+        return last_batch
 
     def on_abort(self, conn, frame):
         self._in_transaction(conn, self._transaction_header(frame))
@@ -717,8 +1089,12 @@ class Connection:
         self.version = None            # protocol version, once CONNECTed
         self.session = None
         self.subscriptions = {}        # subscription id -> Subscription
+        self.in_flight = {}            # message id -> InFlight, of every queue subscription
         self.transactions = {}         # transaction id -> frames waiting for COMMIT
-        self.closing = False
+        self.closing = False           # reading has stopped; writing drains, then ends
+        self.wants_drain = False       # a queue skipped us for our backlog: tell it when empty
+        self._sealed = False           # the last frame (an ERROR) is queued: nothing after it
+        self._receipts = collections.deque()   # (Batch or None, RECEIPT bytes), in order
         self.accepted_at = time.monotonic()
         self.last_read = self.last_write = self.accepted_at
         self.send_interval = self.recv_interval = 0.0   # heart-beats, seconds
@@ -741,9 +1117,14 @@ class Connection:
         if self.send_interval:
             self._heart = gevent.spawn(self._heart_beat_loop)
 
+    @property
+    def backlog(self):
+        """Bytes queued or being written: what this connection holds in memory."""
+        return self._out_bytes + self._writing
+
     def send(self, chunks):
         """Queue encoded bytes (a tuple of chunks) for the writer."""
-        if self.closing:
+        if self._sealed:
             return
         self._out.extend(chunks)
         self._out_bytes += sum(map(len, chunks))
@@ -762,16 +1143,46 @@ class Connection:
     def send_frame(self, command, headers, body=b""):
         self.send((encode_frame(command, headers, body, self.version or "1.0"),))
 
-    def close(self, last_frame=None):
-        """Stop reading; send `last_frame` (command, headers), flush, then close."""
-        if last_frame is not None:
-            self.send_frame(*last_frame)
+    def send_receipt(self, headers, after=None):
+        """Send a RECEIPT once `after` (a storage Batch) is durable, and after every RECEIPT
+        asked for before it. If the batch failed, the client gets an ERROR instead."""
+        frame = encode_frame("RECEIPT", headers, b"", self.version)
+        if after is None and not self._receipts:
+            self.send((frame,))
+            return
+        self._receipts.append((after, frame))
+        if after is not None:
+            after.done.rawlink(self._send_receipts)
+
+    def _send_receipts(self, _event=None):
+        receipts = self._receipts
+        while receipts:
+            batch, frame = receipts[0]
+            if batch is not None and not batch.done.is_set():
+                return
+            receipts.popleft()
+            if batch is not None and batch.error is not None:
+                receipts.clear()
+                self.abort("message not stored: %s" % batch.error)
+                return
+            self.send((frame,))
+        self._wake.set()
+
+    def close(self, error=None):
+        """Stop reading; send the ERROR frame `error` (headers) if given, send what is
+        queued (receipts waiting for storage included), then close."""
+        if error is not None:
+            self.send_frame("ERROR", error)
+            self._sealed = True
         self.closing = True
         self._wake.set()
 
     def abort(self, message):
         """Close with an ERROR from outside the reader, which may be waiting for the client."""
-        self.close(("ERROR", {"message": message}))
+        if self._sealed:
+            return
+        self._receipts.clear()
+        self.close({"message": message})
         try:
             self.sock.shutdown(socket.SHUT_RD)      # wakes the reader
         except OSError:
@@ -806,7 +1217,7 @@ class Connection:
         if error.receipt is not None:
             headers.append(("receipt-id", error.receipt))
         headers.extend(error.headers)
-        self.close(("ERROR", headers))
+        self.close(headers)
 
     def _read_loop(self):
         sock, parser, handle = self.sock, self.parser, self.broker.handle
@@ -868,7 +1279,10 @@ class Connection:
                     self.sock.sendall(data)
                     self._writing = 0
                     self.last_write = time.monotonic()
-                if self.closing:
+                    if self.wants_drain and not self.closing:
+                        self.wants_drain = False
+                        self.broker.drained(self)
+                if self.closing and not self._receipts:
                     return
         except OSError as error:
             log.debug("%r: write failed: %s", self, error)
@@ -922,6 +1336,7 @@ class Server:
     def __init__(self, options=None):
         self.options = options or Options()
         self.broker = Broker(self.options)
+        self.storage = None
         self.connections = set()       # every open connection, CONNECTed or not
         self._server = None
         self._stopped = gevent.event.Event()
@@ -932,9 +1347,15 @@ class Server:
 
     def start(self):
         opts = self.options
+        self.storage = self.broker.storage = pymq_storage.open_storage(opts.db)
+        self.broker.start()
         self._server = gevent.server.StreamServer((opts.host, opts.port), self._handle,
                                                   backlog=1024)
-        self._server.start()
+        try:
+            self._server.start()
+        except BaseException:
+            self.storage.close()
+            raise
         log.info("pymq %s listening on %s:%d", __version__, *self.address)
         return self
 
@@ -961,6 +1382,8 @@ class Server:
         for conn in list(self.connections):
             conn.abort("server shutting down")
         self._server.stop(timeout=timeout)
+        self.broker.stop()
+        self.storage.close()         # commits the writes still pending: nothing accepted is lost
         log.info("pymq stopped")
         self._stopped.set()
 
@@ -1049,8 +1472,9 @@ def main(argv=None):
     server = Server(options)
     try:
         server.start()
-    except OSError as error:
-        log.error("cannot listen on %s:%d: %s", options.host, options.port, error)
+    except Exception as error:
+        log.error("cannot start on %s:%d with store %s: %s", options.host, options.port,
+                  options.db, error)
         return 1
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, lambda: gevent.spawn(server.stop))

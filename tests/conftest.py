@@ -84,11 +84,13 @@ class BrokerThread:
 
 
 @pytest.fixture
-def start_broker():
-    """start_broker(**options) -> a running BrokerThread, stopped after the test."""
+def start_broker(tmp_path):
+    """start_broker(**options) -> a running BrokerThread, stopped after the test. Its store
+    is a fresh SQLite file unless `db` says otherwise."""
     brokers = []
 
     def start(**options):
+        options.setdefault("db", str(tmp_path / ("pymq-%d.db" % len(brokers))))
         broker = BrokerThread(**options).start()
         brokers.append(broker)
         return broker
@@ -250,6 +252,9 @@ class BrokerProcess:
 
     def __init__(self, *args, cwd=None):
         import subprocess
+        import tempfile
+        if cwd is None:
+            cwd = self._tmp = tempfile.mkdtemp(prefix="pymq-test-")    # for the default pymq.db
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "pymq.py"), "--port", "0", *args], cwd=cwd,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -145,7 +145,7 @@ EMBEDDED_PROGRAM = textwrap.dedent("""
     assert not logging.getLogger().handlers, "import pymq configured logging"
     assert handlers == {s: signal.getsignal(s) for s in handlers}, "import pymq set signals"
 
-    server = pymq.start(host="127.0.0.1", port=0)
+    server = pymq.start(host="127.0.0.1", port=0, db="memory:")
     sock = gevent.socket.create_connection(server.address)
     sock.sendall(b"CONNECT\\naccept-version:1.2\\n\\n\\0")
     reply = sock.recv(4096)

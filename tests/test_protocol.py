@@ -232,12 +232,6 @@ def test_transaction_commit_and_abort(raw):
     assert client.expect("RECEIPT").headers["receipt-id"] == "c"
 
 
-def test_queues_are_refused_until_they_exist(raw):
-    client = raw(connect=True)
-    client.send("SEND", {"destination": "/queue/jobs", "receipt": "q"}, b"x")
-    client.expect_error("not yet supported", receipt="q")
-
-
 # -- login -------------------------------------------------------------------------------------
 
 def test_login_and_passcode(start_broker, stomp_client):

@@ -1,0 +1,258 @@
+"""The storage contract, and group commit.
+
+A queue message lives in storage from the SEND until it is ACKed. The broker keeps in memory
+only which messages are in flight and a bounded buffer of ready ones per active queue; after a
+crash, everything still stored is delivered again (at-least-once).
+
+A backend (memory.py, sqlite.py, postgresql.py) implements `Backend`: three calls, each run by
+one greenlet at a time, in order:
+
+- ``open() -> int``: create or check the schema; return the next free sequence number, higher
+  than any this store ever handed out (message ids stay unique across restarts).
+- ``apply(inserts, deletes, reads) -> results``: in ONE transaction, store `inserts`
+  (StoredMessage) and delete the sequence numbers in `deletes`; make it durable (commit and
+  fsync) before returning; then answer `reads` (Load, Count) against the new state, one result
+  each, in order. If it raises, none of the writes happened.
+- ``close()``.
+
+`Storage` wraps a backend with group commit: every write and read from every greenlet goes into
+the pending batch; one committer greenlet applies a batch at a time and starts the next as soon
+as the previous commits, so N concurrent senders share one fsync and all the waiters of a batch
+wake together. A delete for a message whose insert is still pending cancels both: the message is
+never written. Reads ride in the batch after its writes, so a read sees every write asked for
+before it (a count is exact; a load never misses a message sent before it was asked for, nor
+returns one ACKed before it was asked for).
+"""
+
+import logging
+
+import gevent
+import gevent.event
+
+log = logging.getLogger("pymq.storage")
+
+DEFAULT_PRIORITY = 4
+
+
+class StorageError(Exception):
+    """The store could not carry out a batch: its writes did not happen."""
+
+
+class StoredMessage:
+    """A queue message as stored. `headers` are the user headers to forward, (name, value)
+    pairs. Delivery order is by `key`: higher priority first, then arrival (seq)."""
+
+    __slots__ = ("seq", "queue", "priority", "ack_timeout", "headers", "body")
+
+    def __init__(self, seq, queue, priority, ack_timeout, headers, body):
+        self.seq = seq
+        self.queue = queue
+        self.priority = priority
+        self.ack_timeout = ack_timeout
+        self.headers = headers
+        self.body = body
+
+    @property
+    def key(self):
+        return (-self.priority, self.seq)
+
+    @property
+    def size(self):
+        """Roughly the bytes this message holds in memory."""
+        return len(self.body) + sum(len(k) + len(v) for k, v in self.headers) + 100
+
+    def __repr__(self):
+        return "StoredMessage(%d, %r, priority=%d)" % (self.seq, self.queue, self.priority)
+
+
+class Load:
+    """Read: up to `limit` messages of `queue` whose key is after `after` (None: from the
+    start), in delivery order."""
+
+    __slots__ = ("queue", "after", "limit")
+
+    def __init__(self, queue, after, limit):
+        self.queue = queue
+        self.after = after
+        self.limit = limit
+
+
+class Count:
+    """Read: how many messages of `queue` are stored."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self, queue):
+        self.queue = queue
+
+
+class Backend:
+    """What a storage backend implements; see the module docstring for the contract."""
+
+    # True when calls block the OS thread (sqlite3): Storage then runs them in one thread of
+    # their own, so that the gevent hub never waits on the disk.
+    blocking = False
+
+    def open(self):
+        raise NotImplementedError
+
+    def apply(self, inserts, deletes, reads):
+        raise NotImplementedError
+
+    def close(self):
+        raise NotImplementedError
+
+
+class Batch:
+    """Writes and reads that will be applied in one transaction."""
+
+    __slots__ = ("inserts", "deletes", "reads", "results", "bytes", "done", "error")
+
+    def __init__(self):
+        self.inserts = {}           # seq -> StoredMessage
+        self.deletes = []
+        self.reads = []
+        self.results = None
+        self.bytes = 0
+        self.done = gevent.event.Event()
+        self.error = None
+
+    def __bool__(self):
+        return bool(self.inserts or self.deletes or self.reads)
+
+    def wait(self):
+        """Block the calling greenlet until the batch is durable; raise StorageError if not."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class Storage:
+    """Group commit over a Backend. All methods are called from greenlets of one hub."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.pending_bytes = 0      # bytes of inserts not yet committed: the async budget
+        self.stats = {"batches": 0, "inserts": 0, "deletes": 0, "cancelled": 0}
+        self._next_seq = None
+        self._pending = Batch()
+        self._wake = gevent.event.Event()
+        self._committed = gevent.event.Event()
+        self._committer = None
+        self._current = None        # the batch being applied
+        self._closing = False
+        self._pool = None
+
+    def open(self):
+        if self.backend.blocking:
+            from gevent.threadpool import ThreadPool
+            self._pool = ThreadPool(1)       # one OS thread does all of the backend's work
+        self._next_seq = self._call(self.backend.open)
+        self._committer = gevent.spawn(self._commit_loop)
+        return self
+
+    def _call(self, function, *args):
+        if self._pool is None:
+            return function(*args)
+        return self._pool.apply(function, args)
+
+    def new_message(self, queue, priority, ack_timeout, headers, body):
+        seq = self._next_seq
+        self._next_seq += 1
+        return StoredMessage(seq, queue, priority, ack_timeout, headers, body)
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def save(self, message):
+        """Queue the message for the next batch; returns the Batch to wait on for durability."""
+        batch = self._pending
+        batch.inserts[message.seq] = message
+        size = message.size
+        batch.bytes += size
+        self.pending_bytes += size
+        self._wake.set()
+        return batch
+
+    def delete(self, seq):
+        """The message was ACKed: delete it (cancelling its insert if still pending)."""
+        batch = self._pending
+        message = batch.inserts.pop(seq, None)
+        if message is not None:
+            size = message.size
+            batch.bytes -= size
+            self.pending_bytes -= size
+            self.stats["cancelled"] += 1
+            return
+        batch.deletes.append(seq)
+        self._wake.set()
+
+    def wait_for_budget(self, budget):
+        """Block the caller while uncommitted inserts hold more than `budget` bytes."""
+        while self.pending_bytes > budget:
+            self._committed.wait()
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _read(self, read):
+        batch = self._pending
+        index = len(batch.reads)
+        batch.reads.append(read)
+        self._wake.set()
+        batch.wait()
+        return batch.results[index]
+
+    def load(self, queue, after, limit):
+        return self._read(Load(queue, after, limit))
+
+    def count(self, queue):
+        return self._read(Count(queue))
+
+    # -- the committer -------------------------------------------------------------------------
+
+    def _commit_loop(self):
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            batch = self._pending
+            if not batch:
+                if self._closing:
+                    return
+                continue
+            self._pending = Batch()
+            self._current = batch
+            try:
+                batch.results = self._call(self.backend.apply, list(batch.inserts.values()),
+                                           batch.deletes, batch.reads)
+            except Exception as error:
+                log.exception("storage batch failed")
+                batch.error = StorageError(str(error) or error.__class__.__name__)
+            else:
+                self.stats["batches"] += 1
+                self.stats["inserts"] += len(batch.inserts)
+                self.stats["deletes"] += len(batch.deletes)
+            self.pending_bytes -= batch.bytes
+            self._current = None
+            batch.done.set()
+            committed, self._committed = self._committed, gevent.event.Event()
+            committed.set()
+            if self._pending:
+                self._wake.set()
+
+    def flush(self):
+        """Wait until everything asked for so far is committed."""
+        batch = self._pending if self._pending else self._current
+        if batch is not None:
+            self._wake.set()
+            batch.done.wait()
+
+    def close(self):
+        """Commit what is pending, then close the backend."""
+        if self._committer is None:
+            return
+        self._closing = True
+        self._wake.set()
+        self._committer.join()
+        self._committer = None
+        self._call(self.backend.close)
+        if self._pool is not None:
+            self._pool.kill()
