@@ -859,12 +859,13 @@ class Broker:
         self.stats["messages_out"] += 1
 
     def _forget(self, queue, seq):
-        """The message is done with: delete it from storage and from the queue's memory."""
-        self.storage.delete(seq)
+        """The message is done with: delete it from storage and from the queue's memory.
+        Returns the storage Batch that makes the deletion durable."""
         queue.held.discard(seq)
         queue.returned.discard(seq)
         if queue.refilling:
             queue.acked_while_refilling.add(seq)
+        return self.storage.delete(seq)
 
     def _land(self, in_flight):
         """Take a message out of flight; returns the subscription it was in flight to."""
@@ -942,13 +943,18 @@ class Broker:
                 return covered
 
     def on_ack(self, conn, frame):
+        """The RECEIPT of an ACK waits until the deletion is durable: a message whose ACK was
+        receipted is never delivered again, crash or not."""
         queues = set()
+        batch = None
         for in_flight in self._acked(conn, frame):
             sub = self._land(in_flight)
-            self._forget(sub.queue, in_flight.message.seq)
+            batch = self._forget(sub.queue, in_flight.message.seq)
             queues.add(sub.queue)
         for queue in queues:
-            self._dispatch(queue)
+            if self.queues.get(queue.name) is queue:
+                self._dispatch(queue)
+        return batch
 
     def on_nack(self, conn, frame):
         for queue in {self._return(in_flight) for in_flight in self._acked(conn, frame)}:

@@ -174,7 +174,8 @@ class Storage:
         return batch
 
     def delete(self, seq):
-        """The message was ACKed: delete it (cancelling its insert if still pending)."""
+        """The message was ACKed: delete it (cancelling its insert if still pending). Returns
+        the Batch to wait on for the deletion to be durable."""
         batch = self._pending
         message = batch.inserts.pop(seq, None)
         if message is not None:
@@ -182,9 +183,10 @@ class Storage:
             batch.bytes -= size
             self.pending_bytes -= size
             self.stats["cancelled"] += 1
-            return
-        batch.deletes.append(seq)
+        else:
+            batch.deletes.append(seq)
         self._wake.set()
+        return batch
 
     def wait_for_budget(self, budget):
         """Block the caller while uncommitted inserts hold more than `budget` bytes."""
