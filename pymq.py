@@ -649,7 +649,8 @@ class Broker:
         queue = self.queues.get(name)
         if queue is not None:
             # In memory only if the buffer invariant needs it (or it costs no storage read).
-            if queue.refilling or queue.exhausted or message.key < queue.cursor:
+            if (queue.refilling or queue.exhausted
+                    or (queue.cursor is not None and message.key < queue.cursor)):
                 self._make_ready(queue, message)
             self._dispatch(queue)
         # Backpressure: past the async budget, this sender's reads wait for the writer.

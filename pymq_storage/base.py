@@ -106,7 +106,7 @@ class Backend:
 class Batch:
     """Writes and reads that will be applied in one transaction."""
 
-    __slots__ = ("inserts", "deletes", "reads", "results", "bytes", "done", "error")
+    __slots__ = ("inserts", "deletes", "reads", "results", "bytes", "done", "error", "used")
 
     def __init__(self):
         self.inserts = {}           # seq -> StoredMessage
@@ -116,9 +116,10 @@ class Batch:
         self.bytes = 0
         self.done = gevent.event.Event()
         self.error = None
+        self.used = False       # someone may wait on it, even if cancellations emptied it
 
     def __bool__(self):
-        return bool(self.inserts or self.deletes or self.reads)
+        return self.used
 
     def wait(self):
         """Block the calling greenlet until the batch is durable; raise StorageError if not."""
@@ -166,6 +167,7 @@ class Storage:
     def save(self, message):
         """Queue the message for the next batch; returns the Batch to wait on for durability."""
         batch = self._pending
+        batch.used = True
         batch.inserts[message.seq] = message
         size = message.size
         batch.bytes += size
@@ -177,6 +179,7 @@ class Storage:
         """The message was ACKed: delete it (cancelling its insert if still pending). Returns
         the Batch to wait on for the deletion to be durable."""
         batch = self._pending
+        batch.used = True
         message = batch.inserts.pop(seq, None)
         if message is not None:
             size = message.size
@@ -197,6 +200,7 @@ class Storage:
 
     def _read(self, read):
         batch = self._pending
+        batch.used = True
         index = len(batch.reads)
         batch.reads.append(read)
         self._wake.set()
