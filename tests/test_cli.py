@@ -161,3 +161,20 @@ def test_embedded_in_a_gevent_program():
                             text=True, timeout=30, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "embedded ok True"
+
+
+def test_readme_example_works(broker_process):
+    """The stomp.py example in the README runs as written (on the test broker's port)."""
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(import stomp, time\n.*?)```", readme, re.S).group(1)
+    broker = broker_process()
+    code = code.replace("61613", str(broker.address[1]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "working on resize 42.png"
+    client = RawClient(broker.address)
+    client.connect("1.2")
+    receipt = client.request("SEND", {"destination": "/control/count-msgs/queue/jobs"})
+    assert receipt.headers["num-messages"] == "0"        # the worker's ACK deleted it
+    assert broker.stop() == 0
