@@ -9,10 +9,12 @@ one greenlet at a time, in order:
 
 - ``open() -> int``: create or check the schema; return the next free sequence number, higher
   than any this store ever handed out (message ids stay unique across restarts).
-- ``apply(inserts, deletes, reads) -> results``: in ONE transaction, store `inserts`
-  (StoredMessage) and delete the sequence numbers in `deletes`; make it durable (commit and
-  fsync) before returning; then answer `reads` (Load, Count) against the new state, one result
-  each, in order. If it raises, none of the writes happened.
+- ``apply(inserts, deletes, reads, next_seq) -> results``: in ONE transaction, store `inserts`
+  (StoredMessage), delete the sequence numbers in `deletes` and, when `next_seq` is not None,
+  record that sequence numbers below it are taken (inserts cancelled before they were written
+  still used theirs); make it durable (commit and fsync) before returning; then answer `reads`
+  (Load, Count) against the new state, one result each, in order. If it raises, none of the
+  writes happened.
 - ``close()``.
 
 `Storage` wraps a backend with group commit: every write and read from every greenlet goes into
@@ -96,7 +98,7 @@ class Backend:
     def open(self):
         raise NotImplementedError
 
-    def apply(self, inserts, deletes, reads):
+    def apply(self, inserts, deletes, reads, next_seq):
         raise NotImplementedError
 
     def close(self):
@@ -106,12 +108,14 @@ class Backend:
 class Batch:
     """Writes and reads that will be applied in one transaction."""
 
-    __slots__ = ("inserts", "deletes", "reads", "results", "bytes", "done", "error", "used")
+    __slots__ = ("inserts", "deletes", "reads", "next_seq", "results", "bytes", "done", "error",
+                 "used")
 
     def __init__(self):
         self.inserts = {}           # seq -> StoredMessage
         self.deletes = []
         self.reads = []
+        self.next_seq = None    # above every seq saved in this batch, cancelled ones included
         self.results = None
         self.bytes = 0
         self.done = gevent.event.Event()
@@ -148,7 +152,13 @@ class Storage:
         if self.backend.blocking:
             from gevent.threadpool import ThreadPool
             self._pool = ThreadPool(1)       # one OS thread does all of the backend's work
-        self._next_seq = self._call(self.backend.open)
+        try:
+            self._next_seq = self._call(self.backend.open)
+        except BaseException:
+            self._call(self.backend.close)
+            if self._pool is not None:
+                self._pool.kill()
+            raise
         self._committer = gevent.spawn(self._commit_loop)
         return self
 
@@ -169,6 +179,7 @@ class Storage:
         batch = self._pending
         batch.used = True
         batch.inserts[message.seq] = message
+        batch.next_seq = message.seq + 1
         size = message.size
         batch.bytes += size
         self.pending_bytes += size
@@ -228,7 +239,7 @@ class Storage:
             self._current = batch
             try:
                 batch.results = self._call(self.backend.apply, list(batch.inserts.values()),
-                                           batch.deletes, batch.reads)
+                                           batch.deletes, batch.reads, batch.next_seq)
             except Exception as error:
                 log.exception("storage batch failed")
                 batch.error = StorageError(str(error) or error.__class__.__name__)
@@ -241,7 +252,7 @@ class Storage:
             batch.done.set()
             committed, self._committed = self._committed, gevent.event.Event()
             committed.set()
-            if self._pending:
+            if self._pending or self._closing:
                 self._wake.set()
 
     def flush(self):

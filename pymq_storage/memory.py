@@ -17,7 +17,7 @@ class MemoryBackend(Backend):
         # start from the clock, in microseconds.
         return time.time_ns() // 1000
 
-    def apply(self, inserts, deletes, reads):
+    def apply(self, inserts, deletes, reads, next_seq):
         for message in inserts:
             self.messages[message.seq] = message
             self.queues.setdefault(message.queue, {})[message.seq] = message

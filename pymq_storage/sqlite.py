@@ -39,8 +39,6 @@ class SQLiteBackend(Backend):
 
     def open(self):
         db = self.db = sqlite3.connect(self.path, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
@@ -54,13 +52,16 @@ class SQLiteBackend(Backend):
         elif version != SCHEMA_VERSION:
             raise SchemaError("%s has schema version %d; this pymq reads version %d"
                               % (self.path, version, SCHEMA_VERSION))
+        # Only now that the file is known to be ours: the journal mode is stored in it.
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
         stored = db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0]
         highest = db.execute("SELECT MAX(seq) FROM messages").fetchone()[0] or 0
         return max(stored, highest + 1)
 
-    def apply(self, inserts, deletes, reads):
+    def apply(self, inserts, deletes, reads, next_seq):
         db = self.db
-        if inserts or deletes:
+        if inserts or deletes or next_seq is not None:
             db.execute("BEGIN IMMEDIATE")
             try:
                 if inserts:
@@ -68,8 +69,9 @@ class SQLiteBackend(Backend):
                         "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
                         [(m.seq, m.queue, m.priority, m.ack_timeout, json.dumps(m.headers),
                           m.body) for m in inserts])
+                if next_seq is not None:
                     db.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'next_seq'",
-                               (max(m.seq for m in inserts) + 1,))
+                               (next_seq,))
                 if deletes:
                     db.executemany("DELETE FROM messages WHERE seq = ?",
                                    [(seq,) for seq in deletes])
