@@ -1382,10 +1382,12 @@ class Server:
         self._stopped.wait()
 
     def stop(self, timeout=FLUSH_TIMEOUT):
-        """Stop accepting, tell every client, let connections flush and close."""
+        """Stop accepting; commit what was accepted, so its RECEIPTs still go out; tell every
+        client; let connections flush and close; close the store."""
         if self._server is None or self._stopped.is_set():
             return
         self._server.close()
+        self.storage.flush()
         for conn in list(self.connections):
             conn.abort("server shutting down")
         self._server.stop(timeout=timeout)
