@@ -11,8 +11,8 @@ one greenlet at a time, in order:
   than any this store ever handed out (message ids stay unique across restarts).
 - ``apply(inserts, deletes, reads, next_seq) -> results``: in ONE transaction, store `inserts`
   (StoredMessage), delete the sequence numbers in `deletes` and, when `next_seq` is not None,
-  record that sequence numbers below it are taken (inserts cancelled before they were written
-  still used theirs); make it durable (commit and fsync) before returning; then answer `reads`
+  record that sequence numbers below it are taken (reserved: see Storage.new_message); make it
+  durable (commit and fsync) before returning; then answer `reads`
   (Load, Count) against the new state, one result each, in order. If it raises, none of the
   writes happened.
 - ``close()``.
@@ -34,6 +34,10 @@ import gevent.event
 log = logging.getLogger("pymq.storage")
 
 DEFAULT_PRIORITY = 4
+# Sequence numbers (message ids) are reserved durably this many at a time, before any is handed
+# out: a message may be delivered before its insert commits, so a crash must not let its id be
+# given to another message. A restart skips what was left of the reservation.
+SEQ_RESERVATION = 100000
 
 
 class StorageError(Exception):
@@ -115,7 +119,7 @@ class Batch:
         self.inserts = {}           # seq -> StoredMessage
         self.deletes = []
         self.reads = []
-        self.next_seq = None    # above every seq saved in this batch, cancelled ones included
+        self.next_seq = None    # a reservation of sequence numbers to record
         self.results = None
         self.bytes = 0
         self.done = gevent.event.Event()
@@ -132,6 +136,13 @@ class Batch:
             raise self.error
 
 
+def _capture(function, *args):
+    try:
+        return True, function(*args)
+    except Exception as error:
+        return False, error
+
+
 class Storage:
     """Group commit over a Backend. All methods are called from greenlets of one hub."""
 
@@ -140,6 +151,7 @@ class Storage:
         self.pending_bytes = 0      # bytes of inserts not yet committed: the async budget
         self.stats = {"batches": 0, "inserts": 0, "deletes": 0, "cancelled": 0}
         self._next_seq = None
+        self._reserved = None       # sequence numbers below this are durably reserved
         self._pending = Batch()
         self._wake = gevent.event.Event()
         self._committed = gevent.event.Event()
@@ -154,6 +166,8 @@ class Storage:
             self._pool = ThreadPool(1)       # one OS thread does all of the backend's work
         try:
             self._next_seq = self._call(self.backend.open)
+            self._reserved = self._next_seq + SEQ_RESERVATION
+            self._call(self.backend.apply, [], [], [], self._reserved)
         except BaseException:
             self._call(self.backend.close)
             if self._pool is not None:
@@ -165,12 +179,29 @@ class Storage:
     def _call(self, function, *args):
         if self._pool is None:
             return function(*args)
-        return self._pool.apply(function, args)
+        # The exception travels back as a value, to be raised here, in the calling greenlet
+        # (the thread pool would print its own traceback for it).
+        ok, result = self._pool.apply(_capture, (function,) + args)
+        if not ok:
+            raise result
+        return result
 
     def new_message(self, queue, priority, ack_timeout, headers, body):
+        """A message with the next sequence number; may wait for a durable reservation."""
+        while self._next_seq >= self._reserved:
+            self._reserve()
         seq = self._next_seq
         self._next_seq += 1
         return StoredMessage(seq, queue, priority, ack_timeout, headers, body)
+
+    def _reserve(self):
+        batch = self._pending
+        batch.used = True
+        target = self._next_seq + SEQ_RESERVATION
+        batch.next_seq = max(batch.next_seq or 0, target)
+        self._wake.set()
+        batch.wait()
+        self._reserved = max(self._reserved, target)
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -179,7 +210,6 @@ class Storage:
         batch = self._pending
         batch.used = True
         batch.inserts[message.seq] = message
-        batch.next_seq = message.seq + 1
         size = message.size
         batch.bytes += size
         self.pending_bytes += size
