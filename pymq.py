@@ -534,6 +534,13 @@ class Broker:
                 raise ProtocolError("unknown command %r" % frame.command[:100])
             tx = frame.headers.get("transaction")
             if tx is not None and frame.command in ("SEND", "ACK", "NACK"):
+                # Checked now, so that COMMIT cannot fail half-way: all or nothing.
+                if frame.command == "SEND":
+                    kind, _ = parse_destination(frame.headers.get("destination"))
+                    if kind == "queue":
+                        _send_options(frame.headers)
+                else:
+                    _ack_id(conn, frame)
                 self._in_transaction(conn, tx).append(frame)
                 answer = None
             else:
@@ -582,7 +589,8 @@ class Broker:
         self.disconnected(conn)
         receipt = frame.headers.get("receipt")
         if receipt is not None:
-            conn.send_receipt({"receipt-id": receipt})
+            # ... and on everything it sent being stored, SENDs without receipt included.
+            conn.send_receipt({"receipt-id": receipt}, after=self.storage.barrier())
         conn.close()
 
     # -- SEND ----------------------------------------------------------------------------------
@@ -632,18 +640,9 @@ class Broker:
         """Store a SEND to a queue; returns the Batch that makes it durable. The message may
         be delivered before that: an ACK that comes first cancels the write."""
         headers = frame.headers
-        priority = headers.get("priority", "4")
-        if not (priority.isascii() and priority.isdigit() and int(priority) <= 9):
-            raise ProtocolError("priority must be an integer from 0 to 9, not %r" % priority[:20])
-        try:
-            ack_timeout = float(headers.get("ack-timeout", 0))
-        except ValueError:
-            ack_timeout = -1.0
-        if not 0 <= ack_timeout < 1e9:
-            raise ProtocolError("ack-timeout must be a number of seconds, not %r"
-                                % headers["ack-timeout"][:20])
+        priority, ack_timeout = _send_options(headers)
         user_headers = [(k, v) for k, v in headers.items() if k not in _NOT_FORWARDED]
-        message = self.storage.new_message(name, int(priority), ack_timeout, user_headers,
+        message = self.storage.new_message(name, priority, ack_timeout, user_headers,
                                            frame.body)
         batch = self.storage.save(message)
         queue = self.queues.get(name)
@@ -791,8 +790,8 @@ class Broker:
                 kept.append(entry)
             else:
                 queue.held.discard(entry[1].seq)
-        if queue.cursor is not None:
-            queue.cursor = min(queue.cursor, entries[REFILL_BATCH - 1][0])
+        boundary = entries[REFILL_BATCH - 1][0]
+        queue.cursor = boundary if queue.cursor is None else min(queue.cursor, boundary)
         queue.exhausted = False
         heapq.heapify(kept)
         queue.ready = kept
@@ -800,7 +799,7 @@ class Broker:
     def _dispatch(self, queue):
         """Deliver ready messages round-robin to subscriptions that can take one."""
         ready = queue.ready
-        while ready:
+        while ready and self._in_order(queue, ready[0][0]):
             sub = self._next_subscription(queue, avoid=ready[0][2])
             if sub is None:
                 break
@@ -810,9 +809,15 @@ class Broker:
             return
         if len(ready) > 2 * REFILL_BATCH:
             self._trim(queue)
-        elif len(ready) < REFILL_BATCH // 2 and not queue.exhausted:
+        elif not queue.exhausted and (len(ready) < REFILL_BATCH // 2
+                                      or (ready and not self._in_order(queue, ready[0][0]))):
             queue.refilling = True
             gevent.spawn(self._refill, queue)
+
+    @staticmethod
+    def _in_order(queue, key):
+        """No message still only in storage comes before `key`."""
+        return queue.exhausted or (queue.cursor is not None and key <= queue.cursor)
 
     def _next_subscription(self, queue, avoid=None):
         """The next ready subscription in round-robin order, another connection than `avoid`
@@ -927,11 +932,7 @@ class Broker:
         """The in-flight messages an ACK or NACK frame covers: one, or in `client` mode every
         earlier one of the same subscription too. Unknown ids cover nothing (ignored quietly:
         ocamlmq-style clients ACK even in auto mode, and a late ACK is harmless)."""
-        key = "id" if conn.version == "1.2" else "message-id"
-        message_id = frame.headers.get(key)
-        if message_id is None:
-            raise ProtocolError("%s needs a %s header" % (frame.command, key))
-        in_flight = conn.in_flight.get(message_id)
+        in_flight = conn.in_flight.get(_ack_id(conn, frame))
         if in_flight is None:
             return []
         sub = in_flight.sub
@@ -987,6 +988,7 @@ class Broker:
                     self._dead_timers -= 1
                 else:
                     log.debug("message %d: ack timeout", in_flight.message.seq)
+                    in_flight.deadline = None       # out of the heap already: not a dead entry
                     queues.add(self._return(in_flight))
             for queue in queues:
                 if self.queues.get(queue.name) is queue:
@@ -1031,6 +1033,30 @@ class Broker:
     def on_abort(self, conn, frame):
         self._in_transaction(conn, self._transaction_header(frame))
         del conn.transactions[frame.headers["transaction"]]
+
+
+def _ack_id(conn, frame):
+    """The message an ACK or NACK names: by `id` in STOMP 1.2, by `message-id` before."""
+    key = "id" if conn.version == "1.2" else "message-id"
+    message_id = frame.headers.get(key)
+    if message_id is None:
+        raise ProtocolError("%s needs a %s header" % (frame.command, key))
+    return message_id
+
+
+def _send_options(headers):
+    """(priority, ack_timeout) of a queue SEND; ProtocolError if either is invalid."""
+    priority = headers.get("priority", "4")
+    if not (priority.isascii() and priority.isdigit() and int(priority) <= 9):
+        raise ProtocolError("priority must be an integer from 0 to 9, not %r" % priority[:20])
+    try:
+        ack_timeout = float(headers.get("ack-timeout", 0))
+    except ValueError:
+        ack_timeout = -1.0
+    if not 0 <= ack_timeout < 1e9:
+        raise ProtocolError("ack-timeout must be a number of seconds, not %r"
+                            % headers["ack-timeout"][:20])
+    return int(priority), ack_timeout
 
 
 def parse_destination(destination):

@@ -285,6 +285,13 @@ class Storage:
             if self._pending or self._closing:
                 self._wake.set()
 
+    def barrier(self):
+        """A Batch that completes once everything asked for so far is durable."""
+        batch = self._pending
+        batch.used = True
+        self._wake.set()
+        return batch
+
     def flush(self):
         """Wait until everything asked for so far is committed."""
         batch = self._pending if self._pending else self._current
