@@ -32,11 +32,13 @@ import hmac
 import itertools
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 import textwrap
 import time
+import urllib.parse
 
 import gevent
 import gevent.event
@@ -69,8 +71,10 @@ OPTIONS = (
     ("max-header-line", 65536, "BYTES", "longest header line, the command line included"),
     ("max-body", 16 * 1024 * 1024, "BYTES", "largest frame body"),
     ("max-outbound", 64 * 1024 * 1024, "BYTES", "drop a client this far behind in reading"),
-    ("db", "pymq.db", "URL", "message store: a SQLite file, sqlite:///PATH, or memory: "
-                             "(not durable)"),
+    ("db", "pymq.db", "URL", "message store: a SQLite file, sqlite:///PATH, "
+                             "postgresql://USER:PASS@HOST:PORT/DB, or memory: (not durable)"),
+    ("db-retry", 30.0, "SECS", "how long a write is retried while the database is "
+                               "unavailable; then its senders get an ERROR"),
     ("async-budget", 32 * 1024 * 1024, "BYTES", "bytes of SENDs without a receipt that may "
                                                "wait to be stored before senders are paused"),
     ("max-prefetch", 100, "N", "most unacknowledged messages per queue subscription; the "
@@ -80,7 +84,18 @@ OPTIONS = (
     ("ack-timeout", 0.0, "SECS", "redeliver a message not ACKed in time, unless its SEND had "
                                  "an ack-timeout header (0: never)"),
     ("debug", False, None, "log connections and frames to stderr"),
+    # ocamlmq's PostgreSQL flags, so that its command lines and scripts keep working: any of
+    # them selects PostgreSQL instead of --db.
+    ("dbhost", None, "HOST", "PostgreSQL host (ocamlmq's flags)"),
+    ("dbport", None, "PORT", "PostgreSQL port"),
+    ("dbdatabase", None, "NAME", "PostgreSQL database"),
+    ("dbsockdir", None, "DIR", "PostgreSQL unix socket directory"),
+    ("dbuser", None, "USER", "PostgreSQL user"),
+    ("dbpassword", None, "PASSWORD", "PostgreSQL password"),
+    ("dbmaxconns", None, "N", "accepted and ignored: group commit needs one connection"),
+    ("initdb", False, None, "accepted and ignored: tables are created when missing"),
 )
+OCAMLMQ_DB_FLAGS = ("dbhost", "dbport", "dbdatabase", "dbsockdir", "dbuser", "dbpassword")
 DEFAULTS = {name: default for name, default, _, _ in OPTIONS}
 
 RECV_SIZE = 64 * 1024
@@ -102,11 +117,20 @@ class Options:
                 raise ValueError("unknown option %r" % key)
             setattr(self, key.replace("-", "_"), _convert(name, value))
         self.heart_beat_ms = _parse_heart_beat(self.heart_beat)
+        if any(getattr(self, name) for name in OCAMLMQ_DB_FLAGS):
+            self.db = self._postgresql_url()
         if self.default_ack not in ACK_MODES:
             raise ValueError("option default-ack: %r is not one of %s"
                              % (self.default_ack, ", ".join(ACK_MODES)))
         if self.max_prefetch < 1:
             raise ValueError("option max-prefetch: must be at least 1")
+
+    def _postgresql_url(self):
+        params = [("host", self.dbsockdir or self.dbhost), ("port", self.dbport),
+                  ("user", self.dbuser), ("password", self.dbpassword)]
+        query = urllib.parse.urlencode([(key, value) for key, value in params if value],
+                                       quote_via=urllib.parse.quote)
+        return "postgresql:///%s?%s" % (urllib.parse.quote(self.dbdatabase or ""), query)
 
     def __repr__(self):
         return "Options(%s)" % ", ".join(
@@ -421,6 +445,7 @@ MAX_TRANSACTION_FRAMES = 10000   # bounds the memory a client can park in an ope
 REFILL_BATCH = 500               # messages an active queue loads from storage at a time...
 REFILL_BYTES = 8 * 1024 * 1024   # ...and at most this many bytes of them
 QUEUE_BACKLOG = 256 * 1024       # bytes unwritten to a connection before queues skip it
+REFILL_RETRY = 1.0               # seconds before a failed refill is tried again
 REDELIVERED = "earlier consumer" # the previous consumer of a message that came back from idle
 
 
@@ -895,12 +920,16 @@ class Broker:
     def _refill(self, queue):
         try:
             messages = self.storage.load(queue.name, queue.cursor, REFILL_BATCH)
-        except Exception:
-            log.exception("queue %s: cannot load messages", queue.name)
+        except Exception as error:
+            log.error("queue %s: cannot load messages (%s); trying again in %g s",
+                      queue.name, error, REFILL_RETRY)
             messages = None
         queue.refilling = False
         acked, queue.acked_while_refilling = queue.acked_while_refilling, set()
-        if self.queues.get(queue.name) is not queue or messages is None:
+        if self.queues.get(queue.name) is not queue:
+            return
+        if messages is None:
+            gevent.spawn_later(REFILL_RETRY, self._redispatch, queue)
             return
         budget = REFILL_BYTES
         for message in messages:
@@ -920,11 +949,16 @@ class Broker:
             queue.exhausted = len(messages) < REFILL_BATCH
         self._dispatch(queue)
 
+    def _redispatch(self, queue):
+        """Dispatch, unless the queue has lost its subscribers (and its Queue) meanwhile."""
+        if self.queues.get(queue.name) is queue:
+            self._dispatch(queue)
+
     def drained(self, conn):
         """The connection's outbound buffer emptied: its queues may deliver again."""
         for sub in list(conn.subscriptions.values()):
-            if sub.queue is not None and self.queues.get(sub.queue.name) is sub.queue:
-                self._dispatch(sub.queue)
+            if sub.queue is not None:
+                self._redispatch(sub.queue)
 
     # -- ACK / NACK ----------------------------------------------------------------------------
 
@@ -954,14 +988,12 @@ class Broker:
             batch = self._forget(sub.queue, in_flight.message.seq)
             queues.add(sub.queue)
         for queue in queues:
-            if self.queues.get(queue.name) is queue:
-                self._dispatch(queue)
+            self._redispatch(queue)
         return batch
 
     def on_nack(self, conn, frame):
         for queue in {self._return(in_flight) for in_flight in self._acked(conn, frame)}:
-            if self.queues.get(queue.name) is queue:
-                self._dispatch(queue)
+            self._redispatch(queue)
 
     # -- the ack-timeout clock -----------------------------------------------------------------
 
@@ -991,8 +1023,7 @@ class Broker:
                     in_flight.deadline = None       # out of the heap already: not a dead entry
                     queues.add(self._return(in_flight))
             for queue in queues:
-                if self.queues.get(queue.name) is queue:
-                    self._dispatch(queue)
+                self._redispatch(queue)
             self._timer_wake.clear()
             self._timer_wake.wait(timers[0][0] - now if timers else None)
 
@@ -1097,6 +1128,12 @@ def negotiate_heart_beat(header, server_ms, version):
     send_ms = max(sx, cy) if sx and cy else 0
     recv_ms = max(cx, sy) if cx and sy else 0
     return send_ms, recv_ms
+
+
+def without_password(url):
+    """A storage URL fit for a log line."""
+    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(password=)[^&]*", r"\1***", url)
 
 
 def _credential_ok(expected, given):
@@ -1380,7 +1417,7 @@ class Server:
 
     def start(self):
         opts = self.options
-        self.storage = self.broker.storage = pymq_storage.open_storage(opts.db)
+        self.storage = self.broker.storage = pymq_storage.open_storage(opts.db, opts.db_retry)
         self.broker.start()
         self._server = gevent.server.StreamServer((opts.host, opts.port), self._handle,
                                                   backlog=1024)
@@ -1509,7 +1546,7 @@ def main(argv=None):
         server.start()
     except Exception as error:
         log.error("cannot start on %s:%d with store %s: %s", options.host, options.port,
-                  options.db, error)
+                  without_password(options.db), error)
         return 1
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, lambda: gevent.spawn(server.stop))

@@ -4,6 +4,7 @@ open_storage(url) picks the backend from the URL:
 
     memory:                 non-durable, this process only
     sqlite:///PATH, PATH    SQLite file (the default: pymq.db in the working directory)
+    postgresql://...        PostgreSQL (libpq URI: postgresql://user:pass@host:port/dbname)
 """
 
 from .base import (DEFAULT_PRIORITY, Backend, Count, Load, Storage, StorageError,  # noqa: F401
@@ -15,6 +16,9 @@ def open_backend(url):
     if url == "memory:":
         from .memory import MemoryBackend
         return MemoryBackend()
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgresql import PostgreSQLBackend
+        return PostgreSQLBackend(url)
     if url.startswith("sqlite://"):
         path = url[len("sqlite://"):]
         if path.startswith("/"):
@@ -22,11 +26,13 @@ def open_backend(url):
         from .sqlite import SQLiteBackend
         return SQLiteBackend(path)
     if "://" in url or url.endswith(":"):
-        raise ValueError("unknown storage URL %r (use memory:, sqlite:///PATH or a path)" % url)
+        raise ValueError("unknown storage URL %r (use memory:, sqlite:///PATH, a path, or "
+                         "postgresql://...)" % url)
     from .sqlite import SQLiteBackend
     return SQLiteBackend(url)
 
 
-def open_storage(url):
-    """Open the store at `url` with group commit; call from a gevent greenlet."""
-    return Storage(open_backend(url)).open()
+def open_storage(url, retry_for=30.0):
+    """Open the store at `url` with group commit; call from a gevent greenlet. A batch that
+    fails for a transient reason (the database went away) is retried for `retry_for` s."""
+    return Storage(open_backend(url), retry_for).open()

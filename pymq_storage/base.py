@@ -16,6 +16,9 @@ one greenlet at a time, in order:
   (Load, Count) against the new state, one result each, in order. If it raises, none of the
   writes happened.
 - ``close()``.
+- ``is_transient(error) -> bool``: whether a failed apply() is worth retrying (the database
+  went away). Storage then retries the same batch with back-off, for up to `retry_for`
+  seconds, before failing its waiters; apply() must therefore be safe to repeat.
 
 `Storage` wraps a backend with group commit: every write and read from every greenlet goes into
 the pending batch; one committer greenlet applies a batch at a time and starts the next as soon
@@ -27,6 +30,7 @@ returns one ACKed before it was asked for).
 """
 
 import logging
+import time
 
 import gevent
 import gevent.event
@@ -108,6 +112,9 @@ class Backend:
     def close(self):
         raise NotImplementedError
 
+    def is_transient(self, error):
+        return False
+
 
 class Batch:
     """Writes and reads that will be applied in one transaction."""
@@ -146,8 +153,9 @@ def _capture(function, *args):
 class Storage:
     """Group commit over a Backend. All methods are called from greenlets of one hub."""
 
-    def __init__(self, backend):
+    def __init__(self, backend, retry_for=30.0):
         self.backend = backend
+        self.retry_for = retry_for  # seconds a batch is retried through an outage
         self.pending_bytes = 0      # bytes of inserts not yet committed: the async budget
         self.stats = {"batches": 0, "inserts": 0, "deletes": 0, "cancelled": 0}
         self._next_seq = None
@@ -159,6 +167,7 @@ class Storage:
         self._current = None        # the batch being applied
         self._closing = False
         self._pool = None
+        self._outage = None         # when the current outage began
 
     def open(self):
         if self.backend.blocking:
@@ -268,11 +277,14 @@ class Storage:
             self._pending = Batch()
             self._current = batch
             try:
-                batch.results = self._call(self.backend.apply, list(batch.inserts.values()),
-                                           batch.deletes, batch.reads, batch.next_seq)
+                batch.results = self._apply(batch)
             except Exception as error:
-                log.exception("storage batch failed")
-                batch.error = StorageError(str(error) or error.__class__.__name__)
+                if self._outage is None:
+                    log.exception("storage batch failed")
+                else:
+                    log.error("storage batch failed: still unavailable after %g s",
+                              self.retry_for)
+                batch.error = StorageError(str(error).strip() or error.__class__.__name__)
             else:
                 self.stats["batches"] += 1
                 self.stats["inserts"] += len(batch.inserts)
@@ -291,6 +303,36 @@ class Storage:
         batch.used = True
         self._wake.set()
         return batch
+
+    def _apply(self, batch):
+        """Apply a batch; through an outage, retry it with back-off for up to retry_for
+        seconds. Logged once when the outage begins and once when it ends."""
+        deadline = None
+        delay = 0.05
+        while True:
+            try:
+                results = self._call(self.backend.apply, list(batch.inserts.values()),
+                                     batch.deletes, batch.reads, batch.next_seq)
+            except Exception as error:
+                if not self.backend.is_transient(error):
+                    raise
+                now = time.monotonic()
+                if self._outage is None:
+                    self._outage = now
+                    log.error("storage unavailable (%s); retrying",
+                              str(error).strip() or error.__class__.__name__)
+                if deadline is None:
+                    deadline = now + self.retry_for
+                if now + delay > deadline:
+                    raise
+                gevent.sleep(delay)
+                delay = min(2 * delay, 2.0)
+                continue
+            if self._outage is not None:
+                log.warning("storage available again after %.1f s",
+                            time.monotonic() - self._outage)
+                self._outage = None
+            return results
 
     def flush(self):
         """Wait until everything asked for so far is committed."""

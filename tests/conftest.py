@@ -4,6 +4,7 @@ The broker runs in its own thread with its own gevent hub, so the tests themselv
 blocking sockets and stomp.py (which uses threads) without any monkey-patching.
 """
 
+import itertools
 import queue
 import socket
 import sys
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import pymq  # noqa: E402
+import postgres  # noqa: E402
 
 TIMEOUT = 5.0       # how long any single expected event may take
 
@@ -83,14 +85,48 @@ class BrokerThread:
             assert not self._thread.is_alive(), "broker did not stop"
 
 
+def pytest_generate_tests(metafunc):
+    """A test module that sets STORE_BACKENDS = ("sqlite", "postgresql") runs each of its
+    tests that starts a broker once per backend."""
+    backends = getattr(metafunc.module, "STORE_BACKENDS", None)
+    if backends and "store_backend" in metafunc.fixturenames:
+        metafunc.parametrize("store_backend", backends, indirect=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _postgres_server():
+    yield
+    postgres.shutdown()
+
+
 @pytest.fixture
-def start_broker(tmp_path):
+def store_backend(request):
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def new_store(store_backend, tmp_path):
+    """new_store() -> the URL of a fresh, empty store of the backend under test."""
+    counter = itertools.count()
+
+    def make():
+        if store_backend == "postgresql":
+            return postgres.fresh_database_url()
+        if store_backend == "memory":
+            return "memory:"
+        return str(tmp_path / ("pymq-%d.db" % next(counter)))
+
+    return make
+
+
+@pytest.fixture
+def start_broker(new_store):
     """start_broker(**options) -> a running BrokerThread, stopped after the test. Its store
-    is a fresh SQLite file unless `db` says otherwise."""
+    is a fresh one of the backend under test (SQLite by default) unless `db` says otherwise."""
     brokers = []
 
     def start(**options):
-        options.setdefault("db", str(tmp_path / ("pymq-%d.db" % len(brokers))))
+        options.setdefault("db", new_store())
         broker = BrokerThread(**options).start()
         brokers.append(broker)
         return broker

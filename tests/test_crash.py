@@ -32,6 +32,10 @@ import time
 import pytest
 
 import pymq
+
+# The tests that take a fresh store (new_store) run on each backend; the others use SQLite's
+# own locking to stop a commit half-way.
+STORE_BACKENDS = ("sqlite", "postgresql")
 from conftest import ROOT, BrokerProcess, RawClient
 
 WAIT = 10.0     # the longest any single expected event may take (a broker start, a frame)
@@ -43,7 +47,7 @@ WAIT = 10.0     # the longest any single expected event may take (a broker start
 
 @pytest.fixture
 def brokers():
-    """brokers(db) -> a BrokerProcess on that SQLite file; killed after the test if running."""
+    """brokers(db) -> a BrokerProcess on that store; killed after the test if running."""
     started = []
 
     def start(db, *args):
@@ -76,7 +80,16 @@ def count_msgs(c, queue):
 
 
 def stored_rows(db):
-    """Messages in the SQLite file, read by the test itself (WAL: no interference)."""
+    """Messages in the store, read by the test itself (no interference with the broker)."""
+    if str(db).startswith("postgresql://"):
+        import psycopg2
+        conn = psycopg2.connect(db)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT COUNT(*) FROM pymq_messages")
+                return cursor.fetchone()[0]
+        finally:
+            conn.close()
     conn = sqlite3.connect(str(db), timeout=WAIT)
     try:
         return conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
@@ -267,12 +280,12 @@ def consumer(address, cycle, cid, queues, prefetch, ledger, stop):
         c.close()
 
 
-def test_kill9_cycles_lose_no_receipted_message(tmp_path, brokers):
+def test_kill9_cycles_lose_no_receipted_message(new_store, brokers):
     seed = 20261126
     rng = random.Random(seed)
     cycles, producers = 10, 3
     queues = ["crash-a", "crash-b"]
-    db = tmp_path / "pymq.db"
+    db = new_store()
     ledger = Ledger()
     started = time.monotonic()
 
@@ -361,8 +374,8 @@ def test_kill9_cycles_lose_no_receipted_message(tmp_path, brokers):
 # 2. Delivered, not ACKed, killed: delivered again
 # ---------------------------------------------------------------------------------------------
 
-def test_unacked_messages_are_delivered_again_after_kill9(tmp_path, brokers):
-    db = tmp_path / "pymq.db"
+def test_unacked_messages_are_delivered_again_after_kill9(new_store, brokers):
+    db = new_store()
     broker = brokers(db)
     producer_ = client(broker.address)
     bodies = [b"job-%d" % i for i in range(3)]
@@ -401,10 +414,10 @@ def test_unacked_messages_are_delivered_again_after_kill9(tmp_path, brokers):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_shutdown_signal_commits_unreceipted_sends(tmp_path, brokers, signum):
+def test_shutdown_signal_commits_unreceipted_sends(new_store, brokers, signum):
     n = 2000
     pad = b"x" * 1000
-    db = tmp_path / "pymq.db"
+    db = new_store()
     broker = brokers(db)
     c = client(broker.address)
     data = b"".join(pymq.encode_frame("SEND", {"destination": "/queue/flush", "n": str(i)},
@@ -462,7 +475,7 @@ def _consume(c, count, ack):
 
 
 @pytest.mark.parametrize("ack", ["client-individual", "auto"])
-def test_message_ids_stay_unique_across_restarts(tmp_path, brokers, ack):
+def test_message_ids_stay_unique_across_restarts(new_store, brokers, ack):
     """Three runs on one file, each: SEND 5 messages, consume them all (the store ends up
     empty), stop cleanly, restart. No message-id may repeat (README: "message-id (unique, also
     across restarts)").
@@ -470,7 +483,7 @@ def test_message_ids_stay_unique_across_restarts(tmp_path, brokers, ack):
     client-individual: the SENDs are receipted (stored) before anyone subscribes, then ACKed
     with receipts and deleted. auto: the queue already has an auto-ack subscriber, so each
     message is delivered and acknowledged while enqueued, before its insert is committed."""
-    db = tmp_path / "pymq.db"
+    db = new_store()
     seen = {}                           # message-id -> body
     for run in range(3):
         broker = brokers(db)

@@ -17,6 +17,8 @@ import pytest
 
 import pymq
 
+STORE_BACKENDS = ("sqlite", "postgresql")
+
 VERSIONS = ["1.0", "1.1", "1.2"]
 
 
@@ -103,10 +105,19 @@ def receive(client, n):
     return [client.expect("MESSAGE") for _ in range(n)]
 
 
-def durable_count(path, queue):
-    """Messages of `queue` committed to the SQLite file, read through a read-only connection of
-    our own, not through the broker: what a crash right now would leave."""
-    db = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+def durable_count(url, queue):
+    """Messages of `queue` committed to the store, read through a connection of our own, not
+    through the broker: what a crash right now would leave."""
+    if url.startswith("postgresql://"):
+        import psycopg2
+        db = psycopg2.connect(url)
+        try:
+            with db.cursor() as cursor:
+                cursor.execute("SELECT COUNT(*) FROM pymq_messages WHERE queue = %s", (queue,))
+                return cursor.fetchone()[0]
+        finally:
+            db.close()
+    db = sqlite3.connect("file:%s?mode=ro" % url, uri=True)
     try:
         return db.execute("SELECT COUNT(*) FROM messages WHERE queue = ?", (queue,)).fetchone()[0]
     finally:
@@ -127,8 +138,8 @@ def active_queues(b):
 
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("mode", ["client", "client-individual"])
-def test_send_with_receipt_then_consume_and_ack(start_broker, connect, tmp_path, version, mode):
-    path = str(tmp_path / "q.db")
+def test_send_with_receipt_then_consume_and_ack(start_broker, connect, new_store, version, mode):
+    path = new_store()
     b = start_broker(db=path)
     producer = connect(version, at=b)
     producer.request("SEND", {"destination": "/queue/jobs", "x-job": "42",
@@ -163,8 +174,8 @@ def test_send_with_receipt_then_consume_and_ack(start_broker, connect, tmp_path,
 
 
 @pytest.mark.parametrize("mode", ["client", "client-individual"])
-def test_ack_receipt_comes_once_the_deletion_is_durable(start_broker, connect, tmp_path, mode):
-    path = str(tmp_path / "q.db")
+def test_ack_receipt_comes_once_the_deletion_is_durable(start_broker, connect, new_store, mode):
+    path = new_store()
     b = start_broker(db=path)
     send_all(connect(at=b), "jobs", ["a", "b", "c"])
     consumer = connect(at=b)
@@ -1050,8 +1061,8 @@ def test_tiny_async_budget_applies_backpressure_without_loss(start_broker, conne
 # -- transactions ------------------------------------------------------------------------------
 
 def test_transaction_sends_invisible_until_commit_and_durable_at_its_receipt(
-        start_broker, connect, tmp_path):
-    path = str(tmp_path / "tx.db")
+        start_broker, connect, new_store):
+    path = new_store()
     b = start_broker(db=path)
     consumer = connect(at=b)
     subscribe(consumer, "tx", prefetch="10")
@@ -1135,8 +1146,8 @@ def test_ack_in_an_aborted_transaction_does_nothing(connect):
 
 # -- DISCONNECT --------------------------------------------------------------------------------
 
-def test_disconnect_receipt_comes_after_earlier_send_receipts(start_broker, connect, tmp_path):
-    path = str(tmp_path / "d.db")
+def test_disconnect_receipt_comes_after_earlier_send_receipts(start_broker, connect, new_store):
+    path = new_store()
     b = start_broker(db=path)
     producer = connect(at=b)
     producer.send_bytes(b"".join([

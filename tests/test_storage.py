@@ -37,6 +37,7 @@ from pymq_storage import (Backend, Storage, StorageError, StoredMessage, open_ba
                           open_storage)
 from pymq_storage.memory import MemoryBackend
 from pymq_storage.sqlite import SCHEMA_VERSION, SQLiteBackend
+import postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 2.0           # how long any single storage operation may take before we call it hung
@@ -52,6 +53,7 @@ TIMEOUT = 2.0           # how long any single storage operation may take before 
 BACKENDS = {
     "memory": lambda directory: "memory:",
     "sqlite": lambda directory: "sqlite:///" + str(Path(directory).resolve() / "pymq.db"),
+    "postgresql": lambda directory: postgres.fresh_database_url(),
 }
 DURABLE = [name for name in BACKENDS if name != "memory"]
 

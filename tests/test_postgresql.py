@@ -1,0 +1,155 @@
+"""PostgreSQL as the store: ocamlmq's flags, and an outage of the database under load.
+
+(The storage contract, the queue semantics and the crash tests run on PostgreSQL too: see
+STORE_BACKENDS / BACKENDS in test_storage.py, test_queues.py and test_crash.py.)
+"""
+
+import logging
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+import postgres
+from conftest import RawClient, TIMEOUT
+
+
+@pytest.fixture
+def cluster():
+    """A PostgreSQL server of this test's own, which the test may stop and start."""
+    server = postgres.new_cluster()
+    yield server
+    server.destroy()
+
+
+def create_database(cluster, name="pymq"):
+    import psycopg2
+    admin = psycopg2.connect(cluster.url("postgres"))
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute("CREATE DATABASE %s" % name)
+    admin.close()
+    return cluster.url(name)
+
+
+def test_ocamlmq_flags_select_postgresql(cluster, broker_process):
+    create_database(cluster, "mq")
+    broker = broker_process("--dbsockdir", cluster.dir, "--dbport", str(cluster.port),
+                            "--dbuser", "postgres", "--dbdatabase", "mq", "--dbmaxconns", "4",
+                            "--initdb")
+    client = RawClient(broker.address)
+    client.connect("1.2")
+    client.request("SEND", {"destination": "/queue/jobs"}, b"in postgres")
+    assert broker.stop() == 0
+
+    import psycopg2
+    db = psycopg2.connect(cluster.url("mq"))
+    with db.cursor() as cursor:
+        cursor.execute("SELECT body FROM pymq_messages WHERE queue = 'jobs'")
+        assert [bytes(row[0]) for row in cursor.fetchall()] == [b"in postgres"]
+    db.close()
+
+
+def test_password_is_not_logged(cluster, broker_process):
+    url = create_database(cluster)
+    parts = urllib.parse.urlsplit(url)
+    bad = urllib.parse.urlunsplit(parts._replace(netloc="postgres:s3cret-pw@", path="/nodb"))
+    import subprocess
+    import sys
+    from conftest import ROOT
+    result = subprocess.run([sys.executable, str(ROOT / "pymq.py"), "--port", "0", "--db", bad],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr
+    assert "s3cret-pw" not in result.stderr
+
+
+class Producer(threading.Thread):
+    """Sends numbered messages with receipts, one at a time, recording the receipted ones."""
+
+    def __init__(self, address, count, queue="jobs"):
+        super().__init__(daemon=True)
+        self.client = RawClient(address, timeout=60)
+        self.client.connect("1.2")
+        self.count, self.queue = count, queue
+        self.receipted = []
+        self.errors = []
+        self.progress = threading.Condition()
+
+    def run(self):
+        for n in range(self.count):
+            try:
+                self.client.request("SEND", {"destination": "/queue/" + self.queue}, b"%d" % n)
+            except AssertionError as error:
+                self.errors.append(error)
+                return
+            with self.progress:
+                self.receipted.append(n)
+                self.progress.notify_all()
+
+    def wait_for(self, receipts, timeout=TIMEOUT):
+        with self.progress:
+            assert self.progress.wait_for(lambda: len(self.receipted) >= receipts, timeout)
+
+
+def test_database_outage_under_load_loses_nothing(cluster, start_broker, caplog):
+    caplog.set_level(logging.INFO, logger="pymq")
+    broker = start_broker(db=create_database(cluster), db_retry=30.0)
+    consumer = RawClient(broker.address, timeout=30)
+    consumer.connect("1.2")
+    consumer.request("SUBSCRIBE", {"destination": "/queue/jobs", "id": "w",
+                                   "ack": "client-individual", "prefetch": "20"})
+    watcher = RawClient(broker.address)
+    watcher.connect("1.2")
+    watcher.request("SUBSCRIBE", {"destination": "/topic/news", "id": "t"})
+
+    producer = Producer(broker.address, 600)
+    producer.start()
+    received = []
+
+    def consume(until):
+        while len(received) < until:
+            message = consumer.expect("MESSAGE", timeout=30)
+            received.append(int(message.body))
+            consumer.send("ACK", {"id": message.headers["ack"]})
+
+    producer.wait_for(100)
+    cluster.stop("fast")
+    # While the database is down: topics keep working, and no SEND is receipted.
+    before = len(producer.receipted)
+    watcher.send("SEND", {"destination": "/topic/news"}, b"still serving")
+    assert watcher.expect("MESSAGE").body == b"still serving"
+    time.sleep(1.0)         # the outage itself is what is under test: let it last
+    assert len(producer.receipted) <= before + 1     # one may have committed before the stop
+    cluster.start()
+
+    producer.join(60)
+    assert not producer.is_alive() and not producer.errors
+    consume(600)
+    assert sorted(set(received)) == list(range(600))        # every receipted message arrived
+    # Asked on the consumer's connection, so after its ACKs: every ACK was stored.
+    count = consumer.request("SEND", {"destination": "/control/count-msgs/queue/jobs"})
+    assert count.headers["num-messages"] == "0"
+    unavailable = [r for r in caplog.records if "storage unavailable" in r.getMessage()]
+    available = [r for r in caplog.records if "available again" in r.getMessage()]
+    assert len(unavailable) == 1 and len(available) == 1    # once per outage, not per message
+
+
+def test_outage_longer_than_retry_errors_then_recovers(cluster, start_broker):
+    broker = start_broker(db=create_database(cluster), db_retry=0.5)
+    client = RawClient(broker.address, timeout=30)
+    client.connect("1.2")
+    client.request("SEND", {"destination": "/queue/jobs"}, b"before")
+    cluster.stop("fast")
+    client.send("SEND", {"destination": "/queue/jobs", "receipt": "lost"}, b"during")
+    error = client.expect("ERROR", timeout=10)          # never a RECEIPT
+    assert "not stored" in error.headers["message"]
+    client.expect_closed()
+    cluster.start()
+    # The broker recovered without a restart: new SENDs are stored, old ones are there.
+    client = RawClient(broker.address)
+    client.connect("1.2")
+    client.request("SEND", {"destination": "/queue/jobs"}, b"after")
+    client.request("SUBSCRIBE", {"destination": "/queue/jobs", "id": "1"})
+    assert [client.expect("MESSAGE").body for _ in range(2)] == [b"before", b"after"]
