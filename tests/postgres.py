@@ -27,8 +27,9 @@ INSTALL_HINT = ("PostgreSQL server binaries not found under /usr/lib/postgresql/
 
 
 class Cluster:
-    def __init__(self, bindir):
+    def __init__(self, bindir, fsync=False):
         self.bindir = bindir
+        self.fsync = fsync
         self.dir = tempfile.mkdtemp(prefix="pymq-pg-")
         self.data = os.path.join(self.dir, "data")
         self.log = os.path.join(self.dir, "server.log")
@@ -50,11 +51,12 @@ class Cluster:
             raise RuntimeError("%s failed: %s%s" % (program, result.stdout, result.stderr))
 
     def start(self):
-        # fsync off: these tests kill the broker, never the machine; commits still wait for
-        # the server (synchronous_commit stays on), which is what pymq relies on.
+        # fsync off for the tests: they kill the broker, never the machine; commits still
+        # wait for the server (synchronous_commit stays on), which is what pymq relies on.
+        # Benchmarks turn it on.
         self._run("pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "30", "-o",
-                  "-p %d -k %s -c listen_addresses='' -c fsync=off -c max_connections=200"
-                  % (self.port, self.dir), "start")
+                  "-p %d -k %s -c listen_addresses='' -c fsync=%s -c max_connections=200"
+                  % (self.port, self.dir, "on" if self.fsync else "off"), "start")
 
     def stop(self, mode="fast"):
         self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "30", "stop")
@@ -90,12 +92,12 @@ def unavailable(reason):
     pytest.skip(reason)
 
 
-def new_cluster():
+def new_cluster(fsync=False):
     """A cluster of its own (for tests that stop and start the server); destroy() it."""
     bindir = find_bindir()
     if bindir is None:
         unavailable(INSTALL_HINT)
-    return Cluster(bindir)
+    return Cluster(bindir, fsync)
 
 
 def server_url(database):
