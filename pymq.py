@@ -71,6 +71,10 @@ OPTIONS = (
     ("max-header-line", 65536, "BYTES", "longest header line, the command line included"),
     ("max-body", 16 * 1024 * 1024, "BYTES", "largest frame body"),
     ("max-outbound", 64 * 1024 * 1024, "BYTES", "drop a client this far behind in reading"),
+    ("max-connections", 10000, "N", "refuse connections beyond this many, with an ERROR"),
+    ("max-subscriptions", 100000, "N", "most subscriptions on one connection"),
+    ("max-pending-receipts", 10000, "N", "stop reading from a client while this many of its "
+                                         "RECEIPTs wait for the store"),
     ("db", "pymq.db", "URL", "message store: a SQLite file, sqlite:///PATH, "
                              "postgresql://USER:PASS@HOST:PORT/DB, or memory: (not durable)"),
     ("db-retry", 30.0, "SECS", "how long a write is retried while the database is "
@@ -99,6 +103,9 @@ OCAMLMQ_DB_FLAGS = ("dbhost", "dbport", "dbdatabase", "dbsockdir", "dbuser", "db
 DEFAULTS = {name: default for name, default, _, _ in OPTIONS}
 
 RECV_SIZE = 64 * 1024
+# TCP keepalive finds a peer that vanished without a FIN (power loss, cable cut) even when no
+# heart-beats were agreed: probes after 60 s of silence, every 10 s, 6 unanswered = dead.
+KEEPALIVE = {"TCP_KEEPIDLE": 60, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 6}
 FLUSH_TIMEOUT = 5.0         # how long a closing connection may take to flush its last frames
 LINGER_TIMEOUT = 1.0        # read (and drop) what a client still sends after our ERROR, so that
                             # closing does not reset the connection before it reads the ERROR
@@ -526,7 +533,7 @@ class Broker:
         self._timer_wake = gevent.event.Event()
         self._timer_loop = None
         self.stats = dict.fromkeys(("connections", "messages_in", "messages_out", "redelivered",
-                                    "protocol_errors", "slow_consumers"), 0)
+                                    "protocol_errors", "slow_consumers", "refused"), 0)
         self._handlers = {
             "SEND": self.on_send, "SUBSCRIBE": self.on_subscribe,
             "UNSUBSCRIBE": self.on_unsubscribe, "ACK": self.on_ack, "NACK": self.on_nack,
@@ -667,8 +674,11 @@ class Broker:
         headers = frame.headers
         priority, ack_timeout = _send_options(headers)
         user_headers = [(k, v) for k, v in headers.items() if k not in _NOT_FORWARDED]
-        message = self.storage.new_message(name, priority, ack_timeout, user_headers,
-                                           frame.body)
+        try:
+            message = self.storage.new_message(name, priority, ack_timeout, user_headers,
+                                               frame.body)
+        except pymq_storage.StorageError as error:
+            raise ProtocolError("message not stored: %s" % error)
         batch = self.storage.save(message)
         queue = self.queues.get(name)
         if queue is not None:
@@ -710,6 +720,9 @@ class Broker:
         if ack not in ACK_MODES:
             raise ProtocolError("unknown ack mode %r" % ack[:100])
         existing = conn.subscriptions.get(sub_id)
+        if existing is None and len(conn.subscriptions) >= self.options.max_subscriptions:
+            raise ProtocolError("too many subscriptions on one connection (max-subscriptions "
+                                "is %d)" % self.options.max_subscriptions)
         if existing is not None:
             if existing.destination != destination:
                 raise ProtocolError("subscription id %r is already in use" % sub_id[:100])
@@ -1164,7 +1177,8 @@ class Connection:
         self.closing = False           # reading has stopped; writing drains, then ends
         self.wants_drain = False       # a queue skipped us for our backlog: tell it when empty
         self._sealed = False           # the last frame (an ERROR) is queued: nothing after it
-        self._receipts = collections.deque()   # (Batch or None, RECEIPT bytes), in order
+        self._receipts = collections.deque()   # (Batch or None, RECEIPT bytes, id), in order
+        self._receipts_sent = gevent.event.Event()
         self.accepted_at = time.monotonic()
         self.last_read = self.last_write = self.accepted_at
         self.send_interval = self.recv_interval = 0.0   # heart-beats, seconds
@@ -1220,20 +1234,20 @@ class Connection:
         if after is None and not self._receipts:
             self.send((frame,))
             return
-        self._receipts.append((after, frame))
+        self._receipts.append((after, frame, headers["receipt-id"]))
         if after is not None:
             after.done.rawlink(self._send_receipts)
 
     def _send_receipts(self, _event=None):
         receipts = self._receipts
         while receipts:
-            batch, frame = receipts[0]
+            batch, frame, receipt = receipts[0]
             if batch is not None and not batch.done.is_set():
                 return
             receipts.popleft()
+            self._receipts_sent.set()
             if batch is not None and batch.error is not None:
-                receipts.clear()
-                self.abort("message not stored: %s" % batch.error)
+                self.abort("message not stored: %s" % batch.error, receipt)
                 return
             self.send((frame,))
         self._wake.set()
@@ -1247,12 +1261,15 @@ class Connection:
         self.closing = True
         self._wake.set()
 
-    def abort(self, message):
+    def abort(self, message, receipt=None):
         """Close with an ERROR from outside the reader, which may be waiting for the client."""
         if self._sealed:
             return
         self._receipts.clear()
-        self.close({"message": message})
+        error = {"message": message}
+        if receipt is not None:
+            error["receipt-id"] = receipt
+        self.close(error)
         try:
             self.sock.shutdown(socket.SHUT_RD)      # wakes the reader
         except OSError:
@@ -1309,6 +1326,9 @@ class Connection:
                 finished = True
                 log.debug("%r: %s", self, frame.command)
                 handle(self, frame)
+                while len(self._receipts) > self.broker.options.max_pending_receipts:
+                    self._receipts_sent.clear()     # the store is behind: stop reading
+                    self._receipts_sent.wait()
             # frame-timeout counts from the first byte of the frame still unfinished.
             if not parser.in_frame:
                 self._frame_started = None
@@ -1431,7 +1451,16 @@ class Server:
 
     def _handle(self, sock, peer):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)   # finds half-open peers
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in KEEPALIVE.items():
+            if hasattr(socket, name):       # Linux; elsewhere the system's defaults
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+        if len(self.connections) >= self.options.max_connections:
+            self.broker.stats["refused"] += 1
+            log.warning("refused a connection from %s:%s: max-connections (%d) reached",
+                        peer[0], peer[1], self.options.max_connections)
+            sock.sendall(encode_frame("ERROR", {"message": "too many connections"}, b"", "1.0"))
+            return      # StreamServer closes the socket
         conn = Connection(self.broker, sock, peer)
         self.connections.add(conn)
         try:

@@ -280,7 +280,8 @@ class Storage:
                 batch.results = self._apply(batch)
             except Exception as error:
                 if self._outage is None:
-                    log.exception("storage batch failed")
+                    log.error("storage batch failed: %s", error)
+                    log.debug("storage batch failed", exc_info=True)
                 else:
                     log.error("storage batch failed: still unavailable after %g s",
                               self.retry_for)
