@@ -457,16 +457,42 @@ REDELIVERED = "earlier consumer" # the previous consumer of a message that came 
 
 
 class Subscription:
-    __slots__ = ("conn", "id", "destination", "ack", "header", "queue", "prefetch", "in_flight")
+    """A topic subscription. Kept small, since a million of them must fit in a few hundred
+    megabytes: the name is the index's own key string, ids are interned (clients reuse the
+    same few), the MESSAGE header is encoded on first delivery."""
 
-    def __init__(self, conn, sub_id, destination, ack, queue=None, prefetch=0):
+    __slots__ = ("conn", "id", "name", "ack", "_header")
+    kind = "topic"
+    queue = None
+
+    def __init__(self, conn, sub_id, name, ack):
         self.conn = conn
-        self.id = sub_id
-        self.destination = destination
+        self.id = sys.intern(sub_id)
+        self.name = name
         self.ack = ack
-        # Encoded once: every MESSAGE to this subscription starts with it.
-        self.header = ("MESSAGE\nsubscription:%s\n" % escape(sub_id, conn.version)).encode()
-        self.queue = queue            # the Queue, for a queue subscription
+        self._header = None
+
+    @property
+    def destination(self):
+        return "/%s/%s" % (self.kind, self.name)
+
+    @property
+    def header(self):
+        """Every MESSAGE to this subscription starts with these bytes."""
+        header = self._header
+        if header is None:
+            header = self._header = ("MESSAGE\nsubscription:%s\n"
+                                     % escape(self.id, self.conn.version)).encode()
+        return header
+
+
+class QueueSubscription(Subscription):
+    __slots__ = ("queue", "prefetch", "in_flight")
+    kind = "queue"
+
+    def __init__(self, conn, sub_id, queue, ack, prefetch):
+        super().__init__(conn, sub_id, queue.name, ack)
+        self.queue = queue
         self.prefetch = prefetch      # most messages in flight (acked modes)
         self.in_flight = {}           # message id -> InFlight, in delivery order
 
@@ -506,8 +532,8 @@ class Queue:
         self.cursor = None            # key of the last message loaded from storage
         self.exhausted = False
         self.refilling = False
-        self.acked_while_refilling = set()
-        self.returned = returned      # seqs delivered before and not ACKed, not in memory
+        self.acked_while_refilling = None     # a set, while a refill is out
+        self.returned = returned      # None, or seqs delivered before, not ACKed, not in memory
 
 
 class Broker:
@@ -520,8 +546,8 @@ class Broker:
         # Queue message ids are the stored sequence numbers, unique across restarts too.
         self._id_prefix = "%x-" % time.time_ns()
         self._message_seq = itertools.count(1)
-        self.topics = {}            # topic name -> {Subscription: None} (exact subscriptions)
-        self.prefixes = {}          # prefix -> {Subscription: None} ("/topic/prefix*")
+        self.topics = {}            # topic name -> subscriptions (exact), see _members()
+        self.prefixes = {}          # "prefix*" -> subscriptions of /topic/prefix*
         self.prefix_lengths = {}    # prefix length -> how many prefixes have it
         self.queues = {}            # queue name -> Queue, only while it has subscribers
         # queue name -> seqs of messages that were in flight when the queue lost its last
@@ -662,10 +688,10 @@ class Broker:
 
     def topic_subscriptions(self, topic):
         """Subscriptions a message to `topic` reaches: the exact ones, then the prefix ones."""
-        subs = list(self.topics.get(topic, ()))
+        subs = list(_members(self.topics.get(topic)))
         for length in self.prefix_lengths:
             if length <= len(topic):
-                subs.extend(self.prefixes.get(topic[:length], ()))
+                subs.extend(_members(self.prefixes.get(topic[:length] + "*")))
         return subs
 
     def enqueue(self, name, frame):
@@ -728,26 +754,22 @@ class Broker:
                 raise ProtocolError("subscription id %r is already in use" % sub_id[:100])
             self._remove_subscription(existing)     # re-subscribing replaces, e.g. the ack mode
         if kind == "queue":
-            sub = Subscription(conn, sub_id, destination, ack, prefetch=self._prefetch(headers))
-            conn.subscriptions[sub_id] = sub
             queue = self.queues.get(name)
             if queue is None:
-                queue = self.queues[name] = Queue(name, self.returned.pop(name, set()))
-            sub.queue = queue
+                queue = self.queues[name] = Queue(name, self.returned.pop(name, None))
+            sub = QueueSubscription(conn, sub_id, queue, ack, self._prefetch(headers))
+            conn.subscriptions[sub.id] = sub
             queue.subs.append(sub)
             self._dispatch(queue)
             return
-        sub = Subscription(conn, sub_id, destination, ack)
-        conn.subscriptions[sub_id] = sub
+        sub = Subscription(conn, sub_id, name, ack)
+        conn.subscriptions[sub.id] = sub
         if name.endswith("*"):
-            prefix = name[:-1]
-            subs = self.prefixes.get(prefix)
-            if subs is None:
-                subs = self.prefixes[prefix] = {}
-                self.prefix_lengths[len(prefix)] = self.prefix_lengths.get(len(prefix), 0) + 1
-            subs[sub] = None
+            if _index_add(self.prefixes, name, sub):
+                length = len(name) - 1
+                self.prefix_lengths[length] = self.prefix_lengths.get(length, 0) + 1
         else:
-            self.topics.setdefault(name, {})[sub] = None
+            _index_add(self.topics, name, sub)
 
     def _prefetch(self, headers):
         limit = self.options.max_prefetch
@@ -788,28 +810,23 @@ class Broker:
                 self._dispatch(queue)
             else:
                 del self.queues[queue.name]      # its messages are all in storage
-                queue.returned.update(message.seq for _, message, previous in queue.ready
-                                      if previous is not None)
-                if queue.returned:
-                    self.returned[queue.name] = queue.returned
+                returned = queue.returned or set()
+                returned.update(message.seq for _, message, previous in queue.ready
+                                if previous is not None)
+                if returned:
+                    self.returned[queue.name] = returned
             return
-        name = sub.destination[len("/topic/"):]
+        name = sub.name
         if name.endswith("*"):
-            prefix = name[:-1]
-            subs = self.prefixes[prefix]
-            del subs[sub]
-            if not subs:
-                del self.prefixes[prefix]
-                count = self.prefix_lengths[len(prefix)] - 1
+            if _index_remove(self.prefixes, name, sub):
+                length = len(name) - 1
+                count = self.prefix_lengths[length] - 1
                 if count:
-                    self.prefix_lengths[len(prefix)] = count
+                    self.prefix_lengths[length] = count
                 else:
-                    del self.prefix_lengths[len(prefix)]
+                    del self.prefix_lengths[length]
         else:
-            subs = self.topics[name]
-            del subs[sub]
-            if not subs:
-                del self.topics[name]
+            _index_remove(self.topics, name, sub)
 
     # -- queue delivery ------------------------------------------------------------------------
 
@@ -850,6 +867,7 @@ class Broker:
         elif not queue.exhausted and (len(ready) < REFILL_BATCH // 2
                                       or (ready and not self._in_order(queue, ready[0][0]))):
             queue.refilling = True
+            queue.acked_while_refilling = set()
             gevent.spawn(self._refill, queue)
 
     @staticmethod
@@ -906,7 +924,8 @@ class Broker:
         """The message is done with: delete it from storage and from the queue's memory.
         Returns the storage Batch that makes the deletion durable."""
         queue.held.discard(seq)
-        queue.returned.discard(seq)
+        if queue.returned:
+            queue.returned.discard(seq)
         if queue.refilling:
             queue.acked_while_refilling.add(seq)
         return self.storage.delete(seq)
@@ -938,7 +957,7 @@ class Broker:
                       queue.name, error, REFILL_RETRY)
             messages = None
         queue.refilling = False
-        acked, queue.acked_while_refilling = queue.acked_while_refilling, set()
+        acked, queue.acked_while_refilling = queue.acked_while_refilling, None
         if self.queues.get(queue.name) is not queue:
             return
         if messages is None:
@@ -950,7 +969,7 @@ class Broker:
             if message.seq in queue.held or message.seq in acked:
                 continue
             previous = None
-            if message.seq in queue.returned:
+            if queue.returned and message.seq in queue.returned:
                 queue.returned.discard(message.seq)
                 previous = REDELIVERED
             heapq.heappush(queue.ready, (message.key, message, previous))
@@ -1101,6 +1120,43 @@ def _send_options(headers):
         raise ProtocolError("ack-timeout must be a number of seconds, not %r"
                             % headers["ack-timeout"][:20])
     return int(priority), ack_timeout
+
+
+def _members(entry):
+    """The subscriptions of an index entry: None, one Subscription, or a dict of them (most
+    topics have one subscriber; a dict per topic would triple its cost)."""
+    if entry is None:
+        return ()
+    if type(entry) is dict:
+        return entry
+    return (entry,)
+
+
+def _index_add(index, key, sub):
+    """Add `sub` under `key`; sub.name becomes the index's key string (one copy)."""
+    entry = index.get(key)
+    if entry is None:
+        index[key] = sub
+        return True
+    if type(entry) is dict:
+        sub.name = next(iter(entry)).name
+        entry[sub] = None
+    else:
+        sub.name = entry.name
+        index[key] = {entry: None, sub: None}
+    return False
+
+
+def _index_remove(index, key, sub):
+    """Remove `sub` from under `key`; True when the key is gone."""
+    entry = index[key]
+    if entry is sub:
+        del index[key]
+        return True
+    del entry[sub]
+    if len(entry) == 1:
+        index[key] = next(iter(entry))
+    return False
 
 
 def parse_destination(destination):
