@@ -868,7 +868,8 @@ class Broker:
                                       or (ready and not self._in_order(queue, ready[0][0]))):
             queue.refilling = True
             queue.acked_while_refilling = set()
-            gevent.spawn(self._refill, queue)
+            self.storage.load_async(queue.name, queue.cursor, REFILL_BATCH,
+                                    lambda messages: self._refilled(queue, messages))
 
     @staticmethod
     def _in_order(queue, key):
@@ -949,13 +950,11 @@ class Broker:
             heapq.heappush(queue.ready, (in_flight.message.key, in_flight.message, sub.conn))
         return queue
 
-    def _refill(self, queue):
-        try:
-            messages = self.storage.load(queue.name, queue.cursor, REFILL_BATCH)
-        except Exception as error:
-            log.error("queue %s: cannot load messages (%s); trying again in %g s",
-                      queue.name, error, REFILL_RETRY)
-            messages = None
+    def _refilled(self, queue, messages):
+        """The storage answered a refill (messages is None if it failed)."""
+        if messages is None:
+            log.error("queue %s: cannot load messages; trying again in %g s",
+                      queue.name, REFILL_RETRY)
         queue.refilling = False
         acked, queue.acked_while_refilling = queue.acked_while_refilling, None
         if self.queues.get(queue.name) is not queue:

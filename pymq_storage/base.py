@@ -119,13 +119,14 @@ class Backend:
 class Batch:
     """Writes and reads that will be applied in one transaction."""
 
-    __slots__ = ("inserts", "deletes", "reads", "next_seq", "results", "bytes", "done", "error",
-                 "used")
+    __slots__ = ("inserts", "deletes", "reads", "callbacks", "next_seq", "results", "bytes",
+                 "done", "error", "used")
 
     def __init__(self):
         self.inserts = {}           # seq -> StoredMessage
         self.deletes = []
         self.reads = []
+        self.callbacks = []     # (read index, function) of load_async()
         self.next_seq = None    # a reservation of sequence numbers to record
         self.results = None
         self.bytes = 0
@@ -263,6 +264,16 @@ class Storage:
     def count(self, queue):
         return self._read(Count(queue))
 
+    def load_async(self, queue, after, limit, callback):
+        """load() without blocking and without a greenlet: callback(messages), or
+        callback(None) if the batch failed, is called by the committer once the batch is
+        applied. The callback must not block."""
+        batch = self._pending
+        batch.used = True
+        batch.callbacks.append((len(batch.reads), callback))
+        batch.reads.append(Load(queue, after, limit))
+        self._wake.set()
+
     # -- the committer -------------------------------------------------------------------------
 
     def _commit_loop(self):
@@ -293,6 +304,11 @@ class Storage:
             self.pending_bytes -= batch.bytes
             self._current = None
             batch.done.set()
+            for index, callback in batch.callbacks:
+                try:
+                    callback(None if batch.error is not None else batch.results[index])
+                except Exception:
+                    log.exception("storage callback failed")
             committed, self._committed = self._committed, gevent.event.Event()
             committed.set()
             if self._pending or self._closing:
