@@ -443,7 +443,8 @@ class FrameParser:
 # or back to ready, marked redelivered (NACK, ack-timeout, UNSUBSCRIBE, connection lost).
 # ---------------------------------------------------------------------------------------------
 
-ACK_MODES = ("auto", "client", "client-individual")
+# Each mode's one string object, shared by every subscription that uses it.
+ACK_MODES = {mode: mode for mode in ("auto", "client", "client-individual")}
 PREFETCH_HEADERS = ("prefetch", "prefetch-count", "activemq.prefetchSize")
 # Headers of a SEND that the broker sets itself on the MESSAGE, or that only concern the SEND.
 _NOT_FORWARDED = frozenset(("destination", "message-id", "subscription", "ack", "receipt",
@@ -494,12 +495,13 @@ class QueueSubscription(Subscription):
         super().__init__(conn, sub_id, queue.name, ack)
         self.queue = queue
         self.prefetch = prefetch      # most messages in flight (acked modes)
-        self.in_flight = {}           # message id -> InFlight, in delivery order
+        self.in_flight = None         # message id -> InFlight, in delivery order, once used
 
     def ready(self):
         """Can take one more queue message now."""
         conn = self.conn
-        return ((self.ack == "auto" or len(self.in_flight) < self.prefetch)
+        return ((self.ack == "auto" or self.in_flight is None
+                 or len(self.in_flight) < self.prefetch)
                 and not conn.closing and conn.backlog < QUEUE_BACKLOG)
 
 
@@ -528,7 +530,7 @@ class Queue:
         self.subs = []                # round-robin order
         self.next_sub = 0
         self.ready = []               # heap of (key, message, previous connection or None)
-        self.held = set()             # seqs ready or in flight
+        self.held = None              # seqs ready or in flight: a set, once there are any
         self.cursor = None            # key of the last message loaded from storage
         self.exhausted = False
         self.refilling = False
@@ -742,9 +744,9 @@ class Broker:
         if kind == "control":
             raise ProtocolError("cannot subscribe to a /control/ destination")
         sub_id = headers.get("id", destination)    # 1.0 clients may omit the id
-        ack = headers.get("ack", self.options.default_ack)
-        if ack not in ACK_MODES:
-            raise ProtocolError("unknown ack mode %r" % ack[:100])
+        ack = ACK_MODES.get(headers.get("ack", self.options.default_ack))
+        if ack is None:
+            raise ProtocolError("unknown ack mode %r" % headers["ack"][:100])
         existing = conn.subscriptions.get(sub_id)
         if existing is None and len(conn.subscriptions) >= self.options.max_subscriptions:
             raise ProtocolError("too many subscriptions on one connection (max-subscriptions "
@@ -804,7 +806,7 @@ class Broker:
         queue = sub.queue
         if queue is not None:
             queue.subs.remove(sub)
-            for in_flight in list(sub.in_flight.values()):
+            for in_flight in list(sub.in_flight.values() if sub.in_flight else ()):
                 self._return(in_flight)
             if queue.subs:
                 self._dispatch(queue)
@@ -832,6 +834,8 @@ class Broker:
 
     def _make_ready(self, queue, message, previous=None):
         heapq.heappush(queue.ready, (message.key, message, previous))
+        if queue.held is None:
+            queue.held = set()
         queue.held.add(message.seq)
 
     def _trim(self, queue):
@@ -907,6 +911,8 @@ class Broker:
                 extra += "ack:%s\n" % message_id
             timeout = message.ack_timeout or self.options.ack_timeout
             in_flight = InFlight(message, sub, time.monotonic() + timeout if timeout else None)
+            if sub.in_flight is None:
+                sub.in_flight = {}
             sub.in_flight[message_id] = in_flight
             conn.in_flight[message_id] = in_flight
             if timeout:
@@ -924,7 +930,8 @@ class Broker:
     def _forget(self, queue, seq):
         """The message is done with: delete it from storage and from the queue's memory.
         Returns the storage Batch that makes the deletion durable."""
-        queue.held.discard(seq)
+        if queue.held:
+            queue.held.discard(seq)
         if queue.returned:
             queue.returned.discard(seq)
         if queue.refilling:
@@ -965,14 +972,13 @@ class Broker:
         budget = REFILL_BYTES
         for message in messages:
             queue.cursor = message.key
-            if message.seq in queue.held or message.seq in acked:
+            if (queue.held and message.seq in queue.held) or message.seq in acked:
                 continue
             previous = None
             if queue.returned and message.seq in queue.returned:
                 queue.returned.discard(message.seq)
                 previous = REDELIVERED
-            heapq.heappush(queue.ready, (message.key, message, previous))
-            queue.held.add(message.seq)
+            self._make_ready(queue, message, previous)
             budget -= message.size
             if budget <= 0:
                 break
