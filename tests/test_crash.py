@@ -1,12 +1,16 @@
-"""Crash safety of durable queues: the broker as ops run it (`python pymq.py --db FILE`), killed
-and restarted on the same SQLite file.
+"""Crash safety of durable queues: the broker as ops run it (`python pymq.py --db URL`), killed
+and restarted on the same store (SQLite file or PostgreSQL database).
 
-  * kill -9 cycles: producers SEND with receipts while consumers receive and ACK with
-    receipts, the broker is SIGKILLed at a random point, restarted on the same file, again and
-    again; then everything is drained. Checked: no receipted SEND is lost, nothing unknown
-    appears, no message is delivered twice within one broker run, and no message whose ACK was
-    receipted is ever delivered again. Other duplicates across a crash are allowed
-    (at-least-once) and counted.
+  * kill -9 cycles (run_crash_cycles, also run at length by bench/crash_cycles.py): producers
+    SEND with receipts while consumers receive and ACK with receipts, the broker is SIGKILLed
+    at a random point (seeded), restarted on the same store, again and again; then everything
+    is drained. Checked, on SQLite and on PostgreSQL: every receipted SEND is delivered at
+    least once after it was sent; no message is delivered after its ACK was receipted; no
+    message appears that was never sent; nothing is delivered twice within one broker run.
+    Other duplicates across a crash are allowed (at-least-once) and counted.
+  * The same harness with PostgreSQL outages: the database server is stopped (fast or
+    immediate) under load and started again, with kill -9 of the broker mixed in, also while
+    the database is down. Same checks; RECEIPTs wait for the database or become ERRORs.
   * A message delivered but not ACKed when the broker is killed is delivered again.
   * SIGTERM / SIGINT commit the SENDs still waiting for the group commit: exit 0, all there.
   * Message ids stay unique across restarts, clean or kill -9.
@@ -23,6 +27,7 @@ import collections
 import random
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -31,6 +36,7 @@ import time
 
 import pytest
 
+import postgres
 import pymq
 
 # The tests that take a fresh store (new_store) run on each backend; the others use SQLite's
@@ -171,204 +177,530 @@ def drain(address, queues, deadline=20.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. kill -9 cycles
+# 1. kill -9 cycles, and database outages: the harness (bench/crash_cycles.py runs it too)
 # ---------------------------------------------------------------------------------------------
 
+CRASH_QUEUES = ("crash-a", "crash-b")
+
+
 class Ledger:
-    """What every client thread saw, across all cycles. One lock for all of it."""
+    """What every client thread saw, across all cycles. One lock for all of it, and one clock:
+    every record takes the next tick, so "after" means after in the order the test saw."""
 
     def __init__(self):
         self.lock = threading.Condition()
-        self.attempted = {}             # body -> queue, recorded before the SEND is written
+        self.clock = 0
+        self.attempted = {}             # body -> (queue, tick), recorded before it is written
         self.receipted = set()          # bodies whose SEND got its RECEIPT
-        self.deliveries = []            # (cycle, body, message-id)
-        self.ack_receipted = {}         # body -> cycle in which its ACK got its RECEIPT
-        self.cycle_receipts = 0         # SEND receipts in the current cycle
+        self.deliveries = []            # (run, body, message-id, tick)
+        self.ack_receipted = {}         # body -> tick at which its ACK's RECEIPT was read
+        # (run, body): delivered on a connection that the broker closed with an ERROR before
+        # the ACK was receipted (a write failed through a database outage): back in the queue,
+        # so it may come again in the same run.
+        self.released = set()
+        self.cycle_receipts = 0         # SEND receipts since the current cycle began
+        self.send_errors = 0            # ERROR "message not stored" instead of a SEND's RECEIPT
+        self.ack_errors = 0             # ... instead of an ACK's RECEIPT
+        self.db_down = False            # the database server is stopped (outage cycles)
+        self.receipts_while_down = 0    # SEND RECEIPTs read meanwhile (committed before)
         self.errors = []                # unexpected client-side failures
+
+    def _tick(self):
+        self.clock += 1
+        return self.clock
 
     def sent(self, body, queue):
         with self.lock:
-            self.attempted[body] = queue
+            self.attempted[body] = (queue, self._tick())
 
     def send_receipted(self, body):
         with self.lock:
+            self._tick()
             self.receipted.add(body)
             self.cycle_receipts += 1
+            if self.db_down:
+                self.receipts_while_down += 1
             self.lock.notify_all()
 
-    def delivered(self, cycle, body, message_id):
+    def delivered(self, run, body, message_id):
         with self.lock:
-            self.deliveries.append((cycle, body, message_id))
+            self.deliveries.append((run, body, message_id, self._tick()))
 
-    def ack_receipt(self, cycle, body):
+    def ack_receipt(self, body):
         with self.lock:
-            self.ack_receipted.setdefault(body, cycle)
+            self.ack_receipted.setdefault(body, self._tick())
+
+    def send_error(self):
+        with self.lock:
+            self.send_errors += 1
+
+    def ack_error(self, run, bodies):
+        with self.lock:
+            self.ack_errors += 1
+            self.released.update((run, body) for body in bodies)
+
+    def error(self, *what):
+        with self.lock:
+            self.errors.append(what)
+
+    def new_cycle(self):
+        with self.lock:
+            self.cycle_receipts = 0
 
     def wait_receipts(self, target, timeout):
         with self.lock:
             return self.lock.wait_for(lambda: self.cycle_receipts >= target, timeout)
 
 
-def _connection_gone(error):
-    """True for the ways a read or write fails once the broker is killed."""
-    return isinstance(error, (OSError, AssertionError))
+def _read_frame(c, timeout):
+    """The next frame on RawClient `c`, or None after `timeout` s; raises ConnectionError once
+    the broker has closed the connection (killed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = c.parser.next_frame()
+        if frame is not None:
+            return frame
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        c.sock.settimeout(remaining)
+        try:
+            data = c.sock.recv(65536)
+        except socket.timeout:
+            return None
+        if not data:
+            raise ConnectionError("connection closed by the broker")
+        c.parser.feed(data)
 
 
-def producer(address, cycle, pid, queues, window, rng, ledger, stop):
-    try:
-        c = client(address)
-    except Exception as error:          # the broker may already be dead: nothing sent
-        if not _connection_gone(error):
-            ledger.errors.append(("producer connect", repr(error)))
-        return
-    outstanding = {}                    # receipt id -> body
+def _not_stored(frame, errors_allowed):
+    """An ERROR the broker sends when a write failed through a database outage."""
+    return (errors_allowed and frame.command == "ERROR"
+            and "not stored" in frame.headers.get("message", ""))
+
+
+def producer(address, run, pid, queues, window, rng, ledger, stop, errors_allowed=False,
+             receipt_timeout=WAIT):
+    """SENDs with receipts, `window` outstanding, until `stop` or the broker dies. After an
+    ERROR "not stored" (allowed in outage cycles) it connects again and goes on."""
     n = 0
-    try:
-        while not stop.is_set():
-            while len(outstanding) < window:
-                body = "c%d-p%d-%d" % (cycle, pid, n)
-                n += 1
-                queue = rng.choice(queues)
-                ledger.sent(body, queue)
-                rid = "s-" + body
-                outstanding[rid] = body
-                c.send("SEND", {"destination": "/queue/" + queue, "receipt": rid,
-                                "content-type": "text/plain"}, body.encode())
-            frame = c.expect(timeout=WAIT)
-            if frame.command != "RECEIPT":
-                ledger.errors.append(("producer got", frame))
-                return
-            ledger.send_receipted(outstanding.pop(frame.headers["receipt-id"]))
-    except Exception as error:
-        if not _connection_gone(error):
-            ledger.errors.append(("producer", repr(error)))
-    finally:
-        c.close()
+    while not stop.is_set():
+        try:
+            c = client(address)
+        except OSError:
+            return                      # the broker is dead, or not yet listening: done
+        except Exception as error:
+            ledger.error("producer connect", repr(error))
+            return
+        outstanding = {}                # receipt id -> body
+        try:
+            waited = 0.0
+            while not stop.is_set():
+                while len(outstanding) < window:
+                    body = "r%d-p%d-%d" % (run, pid, n)
+                    n += 1
+                    queue = rng.choice(queues)
+                    ledger.sent(body, queue)
+                    rid = "s-" + body
+                    outstanding[rid] = body
+                    c.send("SEND", {"destination": "/queue/" + queue, "receipt": rid,
+                                    "content-type": "text/plain"}, body.encode())
+                frame = _read_frame(c, 0.25)
+                if frame is None:
+                    waited += 0.25
+                    if waited >= receipt_timeout and not stop.is_set():
+                        ledger.error("producer", "no RECEIPT within %g s" % receipt_timeout)
+                        return
+                    continue
+                waited = 0.0
+                if frame.command == "RECEIPT":
+                    ledger.send_receipted(outstanding.pop(frame.headers["receipt-id"]))
+                elif _not_stored(frame, errors_allowed):
+                    ledger.send_error()     # none of `outstanding` is receipted: fine
+                    break                   # the broker closes the connection: a new one
+                else:
+                    ledger.error("producer got", frame)
+                    return
+        except OSError:
+            return                          # killed
+        except Exception as error:
+            ledger.error("producer", repr(error))
+            return
+        finally:
+            c.close()
 
 
-def consumer(address, cycle, cid, queues, prefetch, ledger, stop):
-    try:
-        c = client(address)
-        for q in queues:
-            c.send("SUBSCRIBE", {"destination": "/queue/" + q, "id": q,
-                                 "ack": "client-individual", "prefetch": str(prefetch)})
-    except Exception as error:
-        if not _connection_gone(error):
-            ledger.errors.append(("consumer connect", repr(error)))
-        return
-    acks = {}                           # receipt id -> body
+def consumer(address, run, cid, queues, prefetch, ledger, stop, errors_allowed=False):
+    """Receives and ACKs with receipts until `stop` or the broker dies. After an ERROR "not
+    stored" (an ACK's delete failed through an outage; allowed in outage cycles) it marks what
+    it held unreceipted as released, connects again and goes on."""
     n = 0
-    try:
-        while not stop.is_set():
-            frame = c.expect(timeout=WAIT)
-            if frame.command == "MESSAGE":
-                body = frame.body.decode()
-                ledger.delivered(cycle, body, frame.headers["message-id"])
-                n += 1
-                rid = "a-%d-%d-%d" % (cycle, cid, n)
-                acks[rid] = body
-                c.send("ACK", {"id": frame.headers["ack"], "receipt": rid})
-            elif frame.command == "RECEIPT":
-                ledger.ack_receipt(cycle, acks.pop(frame.headers["receipt-id"]))
-            else:
-                ledger.errors.append(("consumer got", frame))
-                return
-    except Exception as error:
-        if not _connection_gone(error):
-            ledger.errors.append(("consumer", repr(error)))
-    finally:
-        c.close()
+    while not stop.is_set():
+        try:
+            c = client(address)
+            for q in queues:
+                c.send("SUBSCRIBE", {"destination": "/queue/" + q, "id": q,
+                                     "ack": "client-individual", "prefetch": str(prefetch)})
+        except OSError:
+            return
+        except Exception as error:
+            ledger.error("consumer connect", repr(error))
+            return
+        acks = {}                       # receipt id -> body
+        held = set()                    # delivered here, ACK not receipted
+        try:
+            while not stop.is_set():
+                frame = _read_frame(c, 0.25)
+                if frame is None:
+                    continue
+                if frame.command == "MESSAGE":
+                    body = frame.body.decode()
+                    ledger.delivered(run, body, frame.headers["message-id"])
+                    held.add(body)
+                    n += 1
+                    rid = "a-%d-%d-%d" % (run, cid, n)
+                    acks[rid] = body
+                    c.send("ACK", {"id": frame.headers["ack"], "receipt": rid})
+                elif frame.command == "RECEIPT":
+                    body = acks.pop(frame.headers["receipt-id"])
+                    held.discard(body)
+                    ledger.ack_receipt(body)
+                elif _not_stored(frame, errors_allowed):
+                    ledger.ack_error(run, held)
+                    break
+                else:
+                    ledger.error("consumer got", frame)
+                    return
+        except OSError:
+            return
+        except Exception as error:
+            ledger.error("consumer", repr(error))
+            return
+        finally:
+            c.close()
 
 
-def test_kill9_cycles_lose_no_receipted_message(new_store, brokers):
-    seed = 20261126
-    rng = random.Random(seed)
-    cycles, producers = 10, 3
-    queues = ["crash-a", "crash-b"]
-    db = new_store()
-    ledger = Ledger()
-    started = time.monotonic()
+class Run:
+    """One broker process on the store, with its client threads."""
 
-    for cycle in range(cycles):
-        broker = brokers(db)
-        stop = threading.Event()
-        ledger.cycle_receipts = 0
-        # Some cycles have no consumer, so that a backlog builds up and is read back from the
+    def __init__(self, number, store_url, rng, ledger, producers, db_retry, errors_allowed,
+                 workdir):
+        args = ["--db", str(store_url)]
+        if db_retry is not None:
+            args += ["--db-retry", str(db_retry)]
+        self.number = number
+        self.broker = BrokerProcess(*args, cwd=workdir)
+        self.stop = threading.Event()
+        # Some runs have no consumer, so that a backlog builds up and is read back from the
         # store by later runs.
-        consumers = rng.choice([0, 1, 2, 2, 3])
-        threads = [threading.Thread(target=consumer, name="consumer-%d" % i, daemon=True,
-                                    args=(broker.address, cycle, i, queues, 10, ledger, stop))
-                   for i in range(consumers)]
-        threads += [threading.Thread(target=producer, name="producer-%d" % i, daemon=True,
-                                     args=(broker.address, cycle, i, queues, rng.randint(1, 5),
-                                           random.Random(rng.random()), ledger, stop))
-                    for i in range(producers)]
-        for t in threads:
+        self.consumers = rng.choice([0, 1, 2, 2, 3])
+        address = self.broker.address
+        receipt_timeout = WAIT + (db_retry or 0)
+        self.threads = [
+            threading.Thread(target=consumer, name="consumer-%d" % i, daemon=True,
+                             args=(address, number, i, CRASH_QUEUES, 10, ledger, self.stop,
+                                   errors_allowed))
+            for i in range(self.consumers)]
+        self.threads += [
+            threading.Thread(target=producer, name="producer-%d" % i, daemon=True,
+                             args=(address, number, i, CRASH_QUEUES, rng.randint(1, 5),
+                                   random.Random(rng.random()), ledger, self.stop,
+                                   errors_allowed, receipt_timeout))
+            for i in range(producers)]
+        for t in self.threads:
             t.start()
-        target = rng.randint(20, 600)
-        assert ledger.wait_receipts(target, 15.0), \
-            "cycle %d: only %d of %d SEND receipts within 15 s" % (
-                cycle, ledger.cycle_receipts, target)
-        kill9(broker)
-        stop.set()
-        for t in threads:
-            t.join(WAIT)
-            assert not t.is_alive(), "%s still running after the broker was killed" % t.name
-        print("cycle %d: %d consumers, killed after %d SEND receipts"
-              % (cycle, consumers, target))
-    assert not ledger.errors, ledger.errors[:5]
 
-    # Restart once more and take everything that is left.
-    broker = brokers(db)
-    final = drain(broker.address, queues)
-    for frame in final:
-        ledger.delivered(cycles, frame.body.decode(), frame.headers["message-id"])
-    assert broker.stop(signal.SIGTERM) == 0
-    assert stored_rows(db) == 0, "ACKs of the final drain not stored at shutdown"
+    def kill(self):
+        """kill -9 the broker, then wait for its clients to notice."""
+        try:
+            kill9(self.broker)
+        finally:
+            self.stop.set()
+            for t in self.threads:
+                t.join(WAIT)
+            _close_broker(self.broker)
+        stuck = [t.name for t in self.threads if t.is_alive()]
+        assert not stuck, "%s still running after the broker was killed" % stuck
 
-    # -- the checks ----------------------------------------------------------------------------
-    delivered = collections.Counter(body for _, body, _ in ledger.deliveries)
-    per_run = collections.Counter((cycle, body) for cycle, body, _ in ledger.deliveries)
+
+def _close_broker(broker):
+    """The broker has exited: keep its log, close its pipes. Once is enough."""
+    if broker.proc.stderr.closed:
+        return
+    if broker.proc.poll() is None:
+        broker.proc.kill()
+    broker.proc.wait()
+    broker.log.extend(_rest_of_log(broker))
+    broker.proc.stdout.close()
+    broker.proc.stderr.close()
+
+
+class CrashResult:
+    """What run_crash_cycles saw: `totals` (name -> number, in print order), `violations`
+    (name -> examples; empty when all is well), client `errors`, and `broker_errors`: the
+    distinct ERROR log records and tracebacks of the brokers (run, text)."""
+
+    def __init__(self, seed, totals, violations, errors, broker_errors):
+        self.seed = seed
+        self.totals = totals
+        self.violations = violations
+        self.errors = errors
+        self.broker_errors = broker_errors
+
+    def report(self, title="kill -9 cycles"):
+        lines = ["%s: seed %d" % (title, self.seed)]
+        lines += ["  %-40s %s" % (name, value) for name, value in self.totals.items()]
+        for name, examples in self.violations.items():
+            if examples:
+                lines.append("  VIOLATION %s: %r" % (name, examples[:10]))
+        for what in self.errors[:5]:
+            lines.append("  client error: %r" % (what,))
+        for run, text in self.broker_errors[:5]:
+            lines.append("  broker log, run %d:\n    %s" % (run, text.replace("\n", "\n    ")))
+        return "\n".join(lines)
+
+    def check(self):
+        failed = {name: examples[:10] for name, examples in self.violations.items() if examples}
+        assert not failed and not self.errors, "seed %d: %r; client errors: %r" % (
+            self.seed, failed, self.errors[:5])
+
+
+def _broker_errors(logs):
+    """Distinct ERROR records (with what follows them: a traceback) and bare tracebacks in the
+    brokers' logs, except the expected ones of a database outage. A record starts with its
+    timestamp; the lines that do not belong to the one before."""
+    expected = ("storage unavailable", "storage batch failed", "cannot load messages")
+    found = {}
+    for run, lines in enumerate(logs):
+        block = None
+        for line in lines + ["0 end"]:
+            line = line.rstrip("\n")
+            if block is not None and not line[:1].isdigit():
+                block.append(line)
+                continue
+            if block is not None:
+                text = "\n".join(block)
+                found.setdefault(re.sub(r"\d+", "N", text), (run, text))
+                block = None
+            if line.startswith("Traceback") or (" ERROR " in line and not any(
+                    e in line for e in expected)):
+                block = [line]
+    return list(found.values())
+
+
+def run_crash_cycles(store_url, cycles=20, seed=20261126, outage=None, db_retry=None,
+                     receipts=(10, 200), producers=3, outage_time=(0.05, 1.0),
+                     long_outage_rate=0.0, log=print, workdir=None):
+    """Producers SEND with receipts and consumers receive and ACK with receipts, against
+    `python pymq.py --db store_url` in a subprocess, over `cycles` faults; then everything left
+    is drained from a last broker on the same store, and the ledger is checked.
+
+    A fault is kill -9 of the broker after a random number of SEND receipts in `receipts` (one
+    cycle in ten: after 0 to 5, i.e. while it starts up and refills), sometimes a few ms later
+    still; the broker is started again on the same store with new clients. With `outage` (a
+    tests/postgres.Cluster holding the store's database), cycles are also of two more kinds:
+    the PostgreSQL server is stopped ("fast" or "immediate") under load, kept down for a random
+    time in `outage_time` (a share `long_outage_rate` of the outages for longer than the
+    broker's --db-retry `db_retry`, so that writes fail with an ERROR) while the clients go
+    on, and started again; either the broker survives
+    it and the next cycle runs on the same broker ("outage"), or it is killed while the
+    database is down ("kill-in-outage"). The last run ends with kill -9 too.
+
+    Random choices come from `seed`: the same seed gives the same cycles (the threads' timing,
+    hence the exact messages, still vary). Returns a CrashResult; raise nothing on a
+    violation (CrashResult.check() does), only when the harness itself cannot go on."""
+    rng = random.Random(seed)
+    ledger = Ledger()
+    errors_allowed = outage is not None
+    if outage is not None and db_retry is None:
+        db_retry = 5.0
+    started = time.monotonic()
+    kinds = collections.Counter()
+    logs = []
+    run = None
+    runs = 0
+    tmp = None
+    if workdir is None:
+        import tempfile
+        workdir = tmp = tempfile.mkdtemp(prefix="pymq-crash-")
+    try:
+        for cycle in range(cycles):
+            if run is None:
+                run = Run(runs, store_url, rng, ledger, producers, db_retry, errors_allowed,
+                          workdir)
+                runs += 1
+            kind = "kill"
+            if outage is not None:
+                kind = rng.choice(["kill", "outage", "kill-in-outage"])
+            kinds[kind] += 1
+            ledger.new_cycle()
+            target = (rng.randint(0, 5) if kind == "kill" and rng.random() < 0.1
+                      else rng.randint(*receipts))
+            jitter = rng.choice([0.0, 0.0, rng.uniform(0.0, 0.02)])
+            assert ledger.wait_receipts(target, 15.0 + (db_retry or 0)), \
+                "cycle %d: only %d of %d SEND receipts within %g s" % (
+                    cycle, ledger.cycle_receipts, target, 15.0 + (db_retry or 0))
+            time.sleep(jitter)
+            what = "%d consumers, after %d SEND receipts" % (run.consumers, target)
+            if kind == "kill":
+                run.kill()
+                logs.append(run.broker.log)
+                run = None
+                log("cycle %d (run %d): kill -9, %s" % (cycle, runs - 1, what))
+                continue
+            mode = rng.choice(["fast", "immediate"])
+            down = rng.uniform(*outage_time)
+            if rng.random() < long_outage_rate:
+                down = db_retry + rng.uniform(0.2, 1.0)
+            outage.stop(mode)
+            ledger.db_down = True
+            time.sleep(down)                # the clients go on meanwhile
+            if kind == "kill-in-outage":
+                run.kill()
+                logs.append(run.broker.log)
+                run = None
+            ledger.db_down = False
+            outage.start()
+            if run is not None:
+                # The same broker carries on: it must take SENDs again.
+                with ledger.lock:
+                    now = ledger.cycle_receipts
+                assert ledger.wait_receipts(now + 1, WAIT + db_retry), \
+                    "cycle %d: no SEND receipt within %g s of the database's restart" % (
+                        cycle, WAIT + db_retry)
+            log("cycle %d (run %d): %s, database stopped (%s) for %.2f s%s, %s"
+                % (cycle, runs - 1, kind, mode, down,
+                   ", broker killed meanwhile" if kind == "kill-in-outage" else "", what))
+        if run is not None:
+            run.kill()
+            logs.append(run.broker.log)
+            run = None
+
+        # Restart once more and take everything that is left.
+        last = BrokerProcess("--db", str(store_url), cwd=workdir)
+        try:
+            final = drain(last.address, CRASH_QUEUES, deadline=60.0)
+            for frame in final:
+                ledger.delivered(runs, frame.body.decode(), frame.headers["message-id"])
+            assert last.stop(signal.SIGTERM) == 0, "the last broker did not stop cleanly"
+        finally:
+            _close_broker(last)
+        logs.append(last.log)
+        left = stored_rows(store_url)
+    finally:
+        if run is not None:
+            run.stop.set()
+            if run.broker.proc.poll() is None:
+                run.broker.proc.kill()
+            _close_broker(run.broker)
+        if ledger.db_down:
+            outage.start()
+        if tmp is not None:
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    seconds = time.monotonic() - started
+    return _check_ledger(seed, ledger, cycles, kinds, runs, len(final), left, logs, seconds)
+
+
+def _check_ledger(seed, ledger, cycles, kinds, runs, final, left, logs, seconds):
+    """The four properties, and the totals to print."""
+    deliveries = ledger.deliveries
+    delivered = collections.Counter(body for _, body, _, _ in deliveries)
+    last_delivery = {}
+    for _, body, _, tick in deliveries:
+        last_delivery[body] = max(tick, last_delivery.get(body, 0))
+    # 1. Every receipted SEND is delivered at least once after it was sent.
+    lost = sorted(body for body in ledger.receipted
+                  if last_delivery.get(body, 0) <= ledger.attempted[body][1])
+    # 2. No message is delivered after its ACK was receipted.
+    acked_again = sorted(body for body, tick in ledger.ack_receipted.items()
+                         if last_delivery[body] > tick)
+    # 3. No message appears that was never sent.
     unknown = sorted(set(delivered) - set(ledger.attempted))
-    lost = sorted(ledger.receipted - set(delivered))
-    same_run_duplicates = sorted(key for key, n in per_run.items() if n > 1)
-    duplicates = sum(n - 1 for n in delivered.values())
-    unreceipted_delivered = len(set(delivered) - ledger.receipted)
-    # Messages whose ACK was receipted in cycle k and that were delivered again in a later run.
-    acked_again = sorted(body for body, cycle in ledger.ack_receipted.items()
-                         if any(c > cycle and b == body for c, b, _ in ledger.deliveries))
+    # 4. Nothing is delivered twice within one broker run (unless its connection was closed
+    #    with an ERROR before the ACK was receipted: then it went back to the queue).
+    per_run = collections.Counter((run, body) for run, body, _, _ in deliveries)
+    same_run = sorted(key for key, n in per_run.items() if n > 1 and key not in ledger.released)
+    after_error = sum(n - 1 for key, n in per_run.items() if n > 1 and key in ledger.released)
+    runs_of = collections.defaultdict(set)
+    for run, body, _, _ in deliveries:
+        runs_of[body].add(run)
+    across = sum(len(r) - 1 for r in runs_of.values())
     ids = collections.defaultdict(set)
-    for _, body, message_id in ledger.deliveries:
+    for _, body, message_id, _ in deliveries:
         ids[message_id].add(body)
-    reused_ids = {i: sorted(b) for i, b in ids.items() if len(b) > 1}
+    reused_ids = sorted(i for i, bodies in ids.items() if len(bodies) > 1)
+    tracebacks = sum(1 for lines in logs for line in lines if line.startswith("Traceback"))
+    broker_errors = _broker_errors(logs)
 
-    print("\nkill -9 test: seed %d, %d cycles, %.1f s" % (seed, cycles,
-                                                          time.monotonic() - started))
-    print("  sent (written)           %d" % len(ledger.attempted))
-    print("  SEND receipted           %d" % len(ledger.receipted))
-    print("  delivered (distinct)     %d  (%d deliveries, %d in the final drain)"
-          % (len(delivered), len(ledger.deliveries), len(final)))
-    print("  delivered, not receipted %d  (RECEIPT lost to the kill: stored, or delivered "
-          "before its commit)" % unreceipted_delivered)
-    print("  duplicates               %d  (deliveries beyond the first, all across a crash)"
-          % duplicates)
-    print("  ACK receipted            %d" % len(ledger.ack_receipted))
-    print("  ACK receipted, then redelivered after kill -9: %d" % len(acked_again))
-    print("  message ids given to two different messages: %d" % len(reused_ids))
-    for message_id, bodies in list(reused_ids.items())[:5]:
-        print("    id %s: %s" % (message_id, ", ".join(
-            "%s (SEND %sreceipted, ACK %sreceipted)"
-            % (b, "" if b in ledger.receipted else "not ",
-               "" if b in ledger.ack_receipted else "not ") for b in bodies)))
-    print("  lost                     %d" % len(lost))
-    print("  unknown                  %d" % len(unknown))
+    totals = collections.OrderedDict([
+        ("cycles", "%d (%s), %d broker runs + the final drain"
+         % (cycles, ", ".join("%s %d" % kv for kv in sorted(kinds.items())), runs)),
+        ("seconds", "%.1f" % seconds),
+        ("sent (written)", len(ledger.attempted)),
+        ("SEND receipted", len(ledger.receipted)),
+        ("delivered (distinct)", "%d  (%d deliveries, %d in the final drain)"
+         % (len(delivered), len(deliveries), final)),
+        ("delivered, SEND not receipted", "%d  (RECEIPT lost to the kill or an ERROR)"
+         % len(set(delivered) - ledger.receipted)),
+        ("duplicates across crashes", across),
+        ("redelivered in a run after an ERROR", after_error),
+        ("ACK receipted", len(ledger.ack_receipted)),
+        ("SEND ERRORs (not stored)", ledger.send_errors),
+        ("ACK ERRORs (not stored)", ledger.ack_errors),
+        ("SEND RECEIPTs read while db down", ledger.receipts_while_down),
+        ("message ids given to two messages", len(reused_ids)),
+        ("broker tracebacks", tracebacks),
+        ("lost", len(lost)),
+        ("never sent", len(unknown)),
+        ("acked, then redelivered", len(acked_again)),
+        ("delivered twice in one run", len(same_run)),
+        ("left in the store after the drain", left),
+    ])
+    same_run = [(run, body, [(r, i, t) for r, b, i, t in deliveries if b == body])
+                for run, body in same_run]
+    violations = {
+        "receipted SENDs never delivered": lost,
+        "delivered but never sent": unknown,
+        "delivered after its ACK was receipted": acked_again,
+        "delivered twice within one broker run": same_run,
+        "left in the store after the final drain (its ACKs not stored)": [left] if left else [],
+    }
+    return CrashResult(seed, totals, violations, list(ledger.errors), broker_errors)
 
-    assert not unknown, "delivered but never sent: %r" % unknown[:10]
-    assert not lost, "%d receipted SENDs never delivered: %r" % (len(lost), lost[:10])
-    assert not same_run_duplicates, \
-        "delivered twice within one broker run (no consumer left): %r" % same_run_duplicates[:10]
-    assert not acked_again, "receipted ACKs undone by kill -9: %r" % acked_again[:10]
 
+@pytest.mark.timeout(60)
+def test_kill9_cycles_lose_no_receipted_message(new_store):
+    """20 kill -9 cycles on each backend (bench/crash_cycles.py runs the long version)."""
+    result = run_crash_cycles(new_store(), cycles=20, seed=20261126)
+    print("\n" + result.report())
+    result.check()
+
+
+def _create_database(cluster, name="pymq"):
+    import psycopg2
+    admin = psycopg2.connect(cluster.url("postgres"))
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute("CREATE DATABASE %s" % name)
+    admin.close()
+    return cluster.url(name)
+
+
+@pytest.mark.timeout(90)
+def test_database_outages_and_kill9_cycles_lose_no_receipted_message():
+    """The same harness with the PostgreSQL server stopped and started under load: receipts
+    wait for it (or become ERRORs once --db-retry runs out), never come for what is not
+    committed; mixed with kill -9 of the broker, also while the database is down."""
+    cluster = postgres.new_cluster()
+    try:
+        result = run_crash_cycles(_create_database(cluster), cycles=20, seed=20261127,
+                                  outage=cluster, db_retry=1.0, outage_time=(0.05, 0.4),
+                                  long_outage_rate=0.15)
+    finally:
+        cluster.destroy()
+    print("\n" + result.report("kill -9 cycles and database outages"))
+    result.check()
 
 # ---------------------------------------------------------------------------------------------
 # 2. Delivered, not ACKed, killed: delivered again
