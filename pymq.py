@@ -571,6 +571,7 @@ class Broker:
 
     def start(self):
         self._timer_loop = gevent.spawn(self._run_timers)
+        self.storage.on_insert_failed = self._unsend
 
     def stop(self):
         if self._timer_loop is not None:
@@ -985,6 +986,22 @@ class Broker:
         else:
             queue.exhausted = len(messages) < REFILL_BATCH
         self._dispatch(queue)
+
+    def _unsend(self, messages):
+        """Their inserts failed and their senders got an ERROR: those still ready must not be
+        delivered (a sender that tries again would cause a duplicate)."""
+        failed = {}
+        for message in messages:
+            failed.setdefault(message.queue, set()).add(message.seq)
+        for name, seqs in failed.items():
+            queue = self.queues.get(name)
+            if queue is None or not queue.ready:
+                continue
+            kept = [entry for entry in queue.ready if entry[1].seq not in seqs]
+            if len(kept) < len(queue.ready):
+                heapq.heapify(kept)
+                queue.ready = kept
+                queue.held -= seqs
 
     def _redispatch(self, queue):
         """Dispatch, unless the queue has lost its subscribers (and its Queue) meanwhile."""

@@ -169,6 +169,8 @@ class Storage:
         self._closing = False
         self._pool = None
         self._outage = None         # when the current outage began
+        # Called with the messages of a batch that failed: they were never stored.
+        self.on_insert_failed = None
 
     def open(self):
         if self.backend.blocking:
@@ -297,6 +299,8 @@ class Storage:
                     log.error("storage batch failed: still unavailable after %g s",
                               self.retry_for)
                 batch.error = StorageError(str(error).strip() or error.__class__.__name__)
+                if batch.inserts and self.on_insert_failed is not None:
+                    self.on_insert_failed(list(batch.inserts.values()))
             else:
                 self.stats["batches"] += 1
                 self.stats["inserts"] += len(batch.inserts)

@@ -153,3 +153,24 @@ def test_outage_longer_than_retry_errors_then_recovers(cluster, start_broker):
     client.request("SEND", {"destination": "/queue/jobs"}, b"after")
     client.request("SUBSCRIBE", {"destination": "/queue/jobs", "id": "1"})
     assert [client.expect("MESSAGE").body for _ in range(2)] == [b"before", b"after"]
+
+
+def test_a_send_that_got_an_error_is_never_delivered(cluster, start_broker):
+    broker = start_broker(db=create_database(cluster), db_retry=0.5)
+    consumer = RawClient(broker.address, timeout=30)
+    consumer.connect("1.2")
+    consumer.request("SUBSCRIBE", {"destination": "/queue/jobs", "id": "w", "prefetch": "1",
+                                   "ack": "client-individual"})
+    producer = RawClient(broker.address, timeout=30)
+    producer.connect("1.2")
+    producer.request("SEND", {"destination": "/queue/jobs"}, b"before")
+    held = consumer.expect("MESSAGE")           # prefetch 1: the next one waits in memory
+    cluster.stop("fast")
+    producer.send("SEND", {"destination": "/queue/jobs", "receipt": "r"}, b"during")
+    assert "not stored" in producer.expect("ERROR", timeout=10).headers["message"]
+    cluster.start()
+    producer = RawClient(broker.address)
+    producer.connect("1.2")
+    producer.request("SEND", {"destination": "/queue/jobs"}, b"after")
+    consumer.send("ACK", {"id": held.headers["ack"]})
+    assert consumer.expect("MESSAGE").body == b"after"    # not "during": it was never stored
