@@ -1637,6 +1637,21 @@ def read_config(path):
     return values
 
 
+def raise_fd_limit():
+    """Every connection is a file descriptor: take the hard limit, and say what we got."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        log.info("file descriptors: up to %d open (about that many connections)", soft)
+    except (ImportError, ValueError, OSError) as error:
+        log.warning("cannot raise the file descriptor limit: %s", error)
+
+
 def main(argv=None):
     from docopt import docopt     # only the command line needs it
     args = docopt(USAGE, argv, version="pymq " + __version__)
@@ -1648,6 +1663,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if options.debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.umask(0o007)     # data files are not for other users
+    raise_fd_limit()
     server = Server(options)
     try:
         server.start()
