@@ -260,6 +260,8 @@ def encode_rest(headers, body, version, escaped=True, with_length=True):
             continue
         if escaped:
             name, value = escape(name, version), escape(value, version)
+        elif ":" in name:
+            continue                # a name with ':' cannot be written without escapes
         elif "\n" in name or "\n" in value:
             name, value = escape(name, "1.0"), escape(value, "1.0")
         parts += (name, ":", value, "\n")
@@ -380,7 +382,10 @@ class FrameParser:
             self._lines += 1
             line = newline + 1
             newline = buf.find(b"\n", line, end)
-        if self._lines > self.max_headers + 1:
+        if self._lines > self.max_headers + 1 or (
+                self._lines == self.max_headers + 1 and end > line
+                and not (end - line == 1 and buf[line] == 13)):
+            # Past max_headers complete lines, only the blank line may follow.
             raise ProtocolError("too many headers (the limit is %d)" % self.max_headers)
         if end - line > self.max_header_line:
             raise ProtocolError("header line longer than %d bytes" % self.max_header_line)
@@ -600,6 +605,8 @@ class Broker:
                     kind, _ = parse_destination(frame.headers.get("destination"))
                     if kind == "queue":
                         _send_options(frame.headers)
+                    elif kind == "control":
+                        raise ProtocolError("a /control/ destination cannot be in a transaction")
                 else:
                     _ack_id(conn, frame)
                 self._in_transaction(conn, tx).append(frame)
@@ -780,8 +787,9 @@ class Broker:
             value = headers.get(name)
             if value is not None:
                 value = value.strip()
-                if value.isascii() and value.isdigit() and int(value) > 0:
-                    return min(int(value), limit)
+                digits = value.lstrip("0")
+                if value.isascii() and value.isdigit() and digits:
+                    return limit if len(digits) > len(str(limit)) else min(int(digits), limit)
         return limit
 
     def on_unsubscribe(self, conn, frame):
@@ -1083,10 +1091,14 @@ class Broker:
 
     # -- transactions --------------------------------------------------------------------------
 
-    def _in_transaction(self, conn, tx):
+    def _transaction(self, conn, tx):
         frames = conn.transactions.get(tx)
         if frames is None:
             raise ProtocolError("no such transaction %r" % tx[:100])
+        return frames
+
+    def _in_transaction(self, conn, tx):
+        frames = self._transaction(conn, tx)
         if len(frames) >= MAX_TRANSACTION_FRAMES:
             raise ProtocolError("more than %d frames in one transaction" % MAX_TRANSACTION_FRAMES)
         return frames
@@ -1106,7 +1118,7 @@ class Broker:
     def on_commit(self, conn, frame):
         """Carry out the transaction's frames; the RECEIPT waits for the last durable write
         (batches commit in order)."""
-        frames = self._in_transaction(conn, self._transaction_header(frame))
+        frames = self._transaction(conn, self._transaction_header(frame))
         del conn.transactions[frame.headers["transaction"]]
         last_batch = None
         for pending in frames:
@@ -1116,7 +1128,7 @@ class Broker:
         return last_batch
 
     def on_abort(self, conn, frame):
-        self._in_transaction(conn, self._transaction_header(frame))
+        self._transaction(conn, self._transaction_header(frame))
         del conn.transactions[frame.headers["transaction"]]
 
 
@@ -1132,7 +1144,7 @@ def _ack_id(conn, frame):
 def _send_options(headers):
     """(priority, ack_timeout) of a queue SEND; ProtocolError if either is invalid."""
     priority = headers.get("priority", "4")
-    if not (priority.isascii() and priority.isdigit() and int(priority) <= 9):
+    if not (priority.isascii() and priority.isdigit() and len(priority.lstrip("0")) <= 1):
         raise ProtocolError("priority must be an integer from 0 to 9, not %r" % priority[:20])
     try:
         ack_timeout = float(headers.get("ack-timeout", 0))
@@ -1141,7 +1153,7 @@ def _send_options(headers):
     if not 0 <= ack_timeout < 1e9:
         raise ProtocolError("ack-timeout must be a number of seconds, not %r"
                             % headers["ack-timeout"][:20])
-    return int(priority), ack_timeout
+    return int(priority.lstrip("0") or "0"), ack_timeout
 
 
 def _members(entry):
@@ -1211,7 +1223,7 @@ def negotiate_heart_beat(header, server_ms, version):
         return 0, 0
     try:
         cx, cy = (int(part) for part in header.split(","))
-        if cx < 0 or cy < 0:
+        if not (0 <= cx <= 2**31 - 1 and 0 <= cy <= 2**31 - 1):
             raise ValueError
     except ValueError:
         raise ProtocolError("invalid heart-beat header %r" % header[:100])
@@ -1288,6 +1300,9 @@ class Connection:
         """Queue encoded bytes (a tuple of chunks) for the writer."""
         if self._sealed:
             return
+        self._queue(chunks)
+
+    def _queue(self, chunks):
         self._out.extend(chunks)
         self._out_bytes += sum(map(len, chunks))
         if self._out_bytes + self._writing > self.broker.options.max_outbound:
@@ -1325,16 +1340,23 @@ class Connection:
             receipts.popleft()
             self._receipts_sent.set()
             if batch is not None and batch.error is not None:
+                if self._sealed:
+                    continue        # an ERROR is already on its way: it ends the connection
                 self.abort("message not stored: %s" % batch.error, receipt)
                 return
-            self.send((frame,))
+            self._queue((frame,))
         self._wake.set()
 
     def close(self, error=None):
         """Stop reading; send the ERROR frame `error` (headers) if given, send what is
         queued (receipts waiting for storage included), then close."""
-        if error is not None:
-            self.send_frame("ERROR", error)
+        if error is not None and not self._sealed:
+            frame = encode_frame("ERROR", error, b"", self.version or "1.0")
+            if self._receipts:
+                # After the RECEIPTs owed for frames that came before the offending one.
+                self._receipts.append((None, frame, None))
+            else:
+                self.send((frame,))
             self._sealed = True
         self.closing = True
         self._wake.set()
