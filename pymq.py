@@ -1267,17 +1267,18 @@ class Connection:
         self.closing = False           # reading has stopped; writing drains, then ends
         self.wants_drain = False       # a queue skipped us for our backlog: tell it when empty
         self._sealed = False           # the last frame (an ERROR) is queued: nothing after it
-        self._receipts = collections.deque()   # (Batch or None, RECEIPT bytes, id), in order
+        self._receipts = None          # deque of (Batch or None, RECEIPT bytes, id), in order
         self._receipts_sent = gevent.event.Event()
         self.accepted_at = time.monotonic()
         self.last_read = self.last_write = self.accepted_at
         self.send_interval = self.recv_interval = 0.0   # heart-beats, seconds
         self._frame_started = None     # when the first byte of an unfinished frame arrived
-        self._out = []                 # encoded bytes waiting for the writer
+        self._out = []                 # encoded bytes waiting to be written
         self._out_bytes = 0            # ... and their size
-        self._writing = 0              # size of the sendall in progress: memory held too
-        self._wake = gevent.event.Event()
-        self._writer = None
+        self._flush_due = False        # a hub callback will write them, after this loop turn
+        self._writer = None            # a greenlet, only while the socket is backed up
+        self._writing = 0              # bytes the writer still holds: memory too
+        self._written = gevent.event.Event()   # set when all that was queued is written
         self._heart = None
 
     def __repr__(self):
@@ -1305,6 +1306,11 @@ class Connection:
     def _queue(self, chunks):
         self._out.extend(chunks)
         self._out_bytes += sum(map(len, chunks))
+        if not self._flush_due and self._writer is None:
+            # Written once this turn of the event loop is over: every frame queued meanwhile
+            # (a burst of MESSAGEs, their RECEIPTs) goes out in the same send().
+            self._flush_due = True
+            gevent.get_hub().loop.run_callback(self._flush)
         if self._out_bytes + self._writing > self.broker.options.max_outbound:
             # A consumer that does not read must not grow our memory: drop what it has not
             # taken and disconnect it. The ERROR reaches it only if it starts reading again.
@@ -1315,7 +1321,6 @@ class Connection:
             self._out_bytes = 0
             self.abort("slow consumer: more than %d bytes waiting to be read"
                        % self.broker.options.max_outbound)
-        self._wake.set()
 
     def send_frame(self, command, headers, body=b""):
         self.send((encode_frame(command, headers, body, self.version or "1.0"),))
@@ -1327,6 +1332,8 @@ class Connection:
         if after is None and not self._receipts:
             self.send((frame,))
             return
+        if self._receipts is None:
+            self._receipts = collections.deque()
         self._receipts.append((after, frame, headers["receipt-id"]))
         if after is not None:
             after.done.rawlink(self._send_receipts)
@@ -1345,7 +1352,6 @@ class Connection:
                 self.abort("message not stored: %s" % batch.error, receipt)
                 return
             self._queue((frame,))
-        self._wake.set()
 
     def close(self, error=None):
         """Stop reading; send the ERROR frame `error` (headers) if given, send what is
@@ -1359,13 +1365,12 @@ class Connection:
                 self.send((frame,))
             self._sealed = True
         self.closing = True
-        self._wake.set()
 
     def abort(self, message, receipt=None):
         """Close with an ERROR from outside the reader, which may be waiting for the client."""
         if self._sealed:
             return
-        self._receipts.clear()
+        self._receipts = None
         error = {"message": message}
         if receipt is not None:
             error["receipt-id"] = receipt
@@ -1379,7 +1384,6 @@ class Connection:
 
     def serve(self):
         log.debug("%r: accepted", self)
-        self._writer = gevent.spawn(self._write_loop)
         failed = False
         try:
             self._read_loop()
@@ -1426,7 +1430,8 @@ class Connection:
                 finished = True
                 log.debug("%r: %s", self, frame.command)
                 handle(self, frame)
-                while len(self._receipts) > self.broker.options.max_pending_receipts:
+                while self._receipts and (len(self._receipts)
+                                          > self.broker.options.max_pending_receipts):
                     self._receipts_sent.clear()     # the store is behind: stop reading
                     self._receipts_sent.wait()
             # frame-timeout counts from the first byte of the frame still unfinished.
@@ -1457,27 +1462,59 @@ class Connection:
             raise ProtocolError(message)
         return remaining
 
-    def _write_loop(self):
+    def _flush(self):
+        """The hub callback that writes what was queued, without blocking: what the socket
+        does not take at once goes to a writer greenlet, which waits for it to drain."""
+        self._flush_due = False
+        if self._writer is not None:
+            return                  # the writer takes _out when it is done with the last lot
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            self._out_bytes = 0
+            try:
+                sent = self.sock._sock.send(data)       # the non-blocking socket underneath
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                return self._write_failed(error)
+            self.last_write = time.monotonic()
+            if sent < len(data):
+                self._writing = len(data) - sent
+                self._writer = gevent.spawn(self._write_rest, memoryview(data)[sent:])
+                return
+        self._all_written()
+
+    def _write_rest(self, data):
         try:
             while True:
-                self._wake.wait()
-                self._wake.clear()
-                while self._out:
-                    data = b"".join(self._out)
-                    self._out.clear()
-                    self._out_bytes, self._writing = 0, len(data)
-                    self.sock.sendall(data)
-                    self._writing = 0
-                    self.last_write = time.monotonic()
-                    if self.wants_drain and not self.closing:
-                        self.wants_drain = False
-                        self.broker.drained(self)
-                if self.closing and not self._receipts:
-                    return
+                self.sock.sendall(data)
+                self.last_write = time.monotonic()
+                if not self._out:
+                    break
+                data = b"".join(self._out)
+                self._out.clear()
+                self._out_bytes, self._writing = 0, len(data)
         except OSError as error:
-            log.debug("%r: write failed: %s", self, error)
-            self.closing = True
-            self.sock.close()      # wakes the reader
+            self._writer = None
+            return self._write_failed(error)
+        self._writer = None
+        self._writing = 0
+        self._all_written()
+
+    def _all_written(self):
+        if self.wants_drain and not self.closing:
+            self.wants_drain = False
+            self.broker.drained(self)
+        if not self._out:
+            self._written.set()
+
+    def _write_failed(self, error):
+        log.debug("%r: write failed: %s", self, error)
+        self.closing = True
+        self._out.clear()
+        self._out_bytes = 0
+        self.sock.close()           # wakes the reader
 
     def _heart_beat_loop(self):
         interval = self.send_interval
@@ -1490,11 +1527,18 @@ class Connection:
 
     def _finish(self, linger):
         self.closing = True
-        self._wake.set()
         if self._heart is not None:
             self._heart.kill(block=False)
-        self._writer.join(timeout=FLUSH_TIMEOUT)
-        self._writer.kill()
+        # Let what is queued go out (RECEIPTs still waiting for the store included), briefly.
+        deadline = time.monotonic() + FLUSH_TIMEOUT
+        while self._out or self._writer is not None or self._receipts or self._flush_due:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._written.clear()
+            self._written.wait(remaining)
+        if self._writer is not None:
+            self._writer.kill()
         sock = self.sock
         try:
             if linger:
