@@ -46,6 +46,8 @@ import gevent.server
 
 import pymq_storage
 
+DEFAULT_PRIORITY = str(pymq_storage.DEFAULT_PRIORITY)    # of a SEND without one
+
 __version__ = "0.1.0"
 SERVER_NAME = "pymq/" + __version__
 
@@ -1143,7 +1145,7 @@ def _ack_id(conn, frame):
 
 def _send_options(headers):
     """(priority, ack_timeout) of a queue SEND; ProtocolError if either is invalid."""
-    priority = headers.get("priority", "4")
+    priority = headers.get("priority", DEFAULT_PRIORITY)
     if not (priority.isascii() and priority.isdigit() and len(priority.lstrip("0")) <= 1):
         raise ProtocolError("priority must be an integer from 0 to 9, not %r" % priority[:20])
     try:
