@@ -550,6 +550,7 @@ class Broker:
         self.options = options or Options()
         self.storage = storage
         self.connections = set()
+        self.recv_buffer = memoryview(bytearray(RECV_SIZE))   # shared by connections' readers
         self._sessions = itertools.count(1)
         # Topic message ids: unique across restarts because each start gets its own prefix.
         # Queue message ids are the stored sequence numbers, unique across restarts too.
@@ -1414,16 +1415,20 @@ class Connection:
 
     def _read_loop(self):
         sock, parser, handle = self.sock, self.parser, self.broker.handle
+        # One receive buffer for every connection of the broker: the parser copies what it
+        # gets before anything can yield. (A fresh 64 KiB bytes per recv() fragmented the C
+        # heap: the 10-minute soak grew RSS 10-14 % with flat live memory.)
+        buffer = self.broker.recv_buffer
         while not self.closing:
             sock.settimeout(self._read_timeout())
             try:
-                data = sock.recv(RECV_SIZE)
+                size = sock.recv_into(buffer)
             except socket.timeout:
                 continue            # _read_timeout() raises for the deadline that passed
-            if not data:
+            if not size:
                 return
             self.last_read = time.monotonic()
-            parser.feed(data)
+            parser.feed(buffer[:size])
             finished = False
             while not self.closing:
                 frame = parser.next_frame()
