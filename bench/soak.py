@@ -54,6 +54,8 @@ import tempfile
 import threading
 import time
 
+from topic_fanout import find_listener_pid     # bench/ is on sys.path when run
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PYMQ = os.path.join(os.path.dirname(HERE), "pymq.py")
 RECV_SIZE = 256 * 1024
@@ -672,30 +674,6 @@ def stop_broker(proc):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-
-
-def find_listener_pid(port):
-    """PID of the process listening on TCP `port` (from /proc), or None."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add("socket:[%s]" % fields[9])
-        except OSError:
-            pass
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fd_dir = "/proc/%s/fd" % pid
-            for fd in os.listdir(fd_dir):
-                if os.readlink(os.path.join(fd_dir, fd)) in inodes:
-                    return int(pid)
-        except OSError:
-            continue
-    return None
 
 
 def broker_sample(pid):

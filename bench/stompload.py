@@ -57,6 +57,8 @@ import socket
 import sys
 import time
 
+from topic_fanout import find_listener_pid     # bench/ is on sys.path when run
+
 RECV_SIZE = 1 << 18
 # One receive buffer per process (each process has one thread): recv() would allocate, and
 # for this size mmap, shrink and unmap, a new buffer on every call.
@@ -666,32 +668,6 @@ def proc_cpu(pid):
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
-
-
-def find_listener_pid(port):
-    """PID of the process listening on TCP `port` (from /proc), or None."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add("socket:[%s]" % fields[9])
-        except OSError:
-            pass
-    if not inodes:
-        return None
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fd_dir = "/proc/%s/fd" % pid
-            for fd in os.listdir(fd_dir):
-                if os.readlink(os.path.join(fd_dir, fd)) in inodes:
-                    return int(pid)
-        except OSError:
-            continue
-    return None
 
 
 def split(items, parts):
