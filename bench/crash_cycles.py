@@ -56,7 +56,7 @@ def run_backend(backend, args):
             if postgres.find_bindir() is None:
                 raise SetupError(postgres.INSTALL_HINT)
             cluster = postgres.new_cluster(fsync=args.fsync)
-            store = test_crash._create_database(cluster)
+            store = cluster.create_database()
             if args.outages:
                 options.update(outage=cluster, db_retry=args.db_retry,
                                outage_time=(0.05, args.max_outage),

@@ -66,13 +66,8 @@ def main():
         for backend in options.backends.split(","):
             if backend == "postgresql":
                 import postgres
-                import psycopg2
                 cluster = postgres.new_cluster(fsync=True)
-                admin = psycopg2.connect(cluster.url("postgres"))
-                admin.autocommit = True
-                admin.cursor().execute("CREATE DATABASE bench")
-                admin.close()
-                db = cluster.url("bench")
+                db = cluster.create_database("bench")
             else:
                 db = os.path.join(workdir, "bench.db")
             for scenario in SCENARIOS:

@@ -61,6 +61,9 @@ class Cluster:
     def stop(self, mode="fast"):
         self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "30", "stop")
 
+    def create_database(self, name="pymq"):
+        return create_database(self.url, name)
+
     def url(self, database):
         return "postgresql:///%s?%s" % (database, urllib.parse.urlencode(
             {"host": self.dir, "port": self.port, "user": "postgres"}))
@@ -112,17 +115,21 @@ def server_url(database):
     return _cluster.url(database)
 
 
-def fresh_database_url():
-    """A new, empty database on the shared test server."""
+def create_database(url_of, name):
+    """(Re)create database `name` on the server whose database URLs url_of() gives; its URL."""
     import psycopg2
-    name = "pymq_test_%d_%d" % (os.getpid(), next(_databases))
-    admin = psycopg2.connect(server_url("postgres"))
+    admin = psycopg2.connect(url_of("postgres"))
     admin.autocommit = True
     with admin.cursor() as cursor:
         cursor.execute("DROP DATABASE IF EXISTS %s" % name)
         cursor.execute("CREATE DATABASE %s" % name)
     admin.close()
-    return server_url(name)
+    return url_of(name)
+
+
+def fresh_database_url():
+    """A new, empty database on the shared test server."""
+    return create_database(server_url, "pymq_test_%d_%d" % (os.getpid(), next(_databases)))
 
 
 def shutdown():

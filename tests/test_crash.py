@@ -677,16 +677,6 @@ def test_kill9_cycles_lose_no_receipted_message(new_store):
     result.check()
 
 
-def _create_database(cluster, name="pymq"):
-    import psycopg2
-    admin = psycopg2.connect(cluster.url("postgres"))
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute("CREATE DATABASE %s" % name)
-    admin.close()
-    return cluster.url(name)
-
-
 @pytest.mark.timeout(90)
 def test_database_outages_and_kill9_cycles_lose_no_receipted_message():
     """The same harness with the PostgreSQL server stopped and started under load: receipts
@@ -694,7 +684,7 @@ def test_database_outages_and_kill9_cycles_lose_no_receipted_message():
     committed; mixed with kill -9 of the broker, also while the database is down."""
     cluster = postgres.new_cluster()
     try:
-        result = run_crash_cycles(_create_database(cluster), cycles=20, seed=20261127,
+        result = run_crash_cycles(cluster.create_database(), cycles=20, seed=20261127,
                                   outage=cluster, db_retry=1.0, outage_time=(0.05, 0.4),
                                   long_outage_rate=0.15)
     finally:

@@ -23,18 +23,8 @@ def cluster():
     server.destroy()
 
 
-def create_database(cluster, name="pymq"):
-    import psycopg2
-    admin = psycopg2.connect(cluster.url("postgres"))
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute("CREATE DATABASE %s" % name)
-    admin.close()
-    return cluster.url(name)
-
-
 def test_ocamlmq_flags_select_postgresql(cluster, broker_process):
-    create_database(cluster, "mq")
+    cluster.create_database("mq")
     broker = broker_process("--dbsockdir", cluster.dir, "--dbport", str(cluster.port),
                             "--dbuser", "postgres", "--dbdatabase", "mq", "--dbmaxconns", "4",
                             "--initdb")
@@ -52,7 +42,7 @@ def test_ocamlmq_flags_select_postgresql(cluster, broker_process):
 
 
 def test_password_is_not_logged(cluster, broker_process):
-    url = create_database(cluster)
+    url = cluster.create_database()
     parts = urllib.parse.urlsplit(url)
     bad = urllib.parse.urlunsplit(parts._replace(netloc="postgres:s3cret-pw@", path="/nodb"))
     import subprocess
@@ -95,7 +85,7 @@ class Producer(threading.Thread):
 
 def test_database_outage_under_load_loses_nothing(cluster, start_broker, caplog):
     caplog.set_level(logging.INFO, logger="pymq")
-    broker = start_broker(db=create_database(cluster), db_retry=30.0)
+    broker = start_broker(db=cluster.create_database(), db_retry=30.0)
     consumer = RawClient(broker.address, timeout=30)
     consumer.connect("1.2")
     consumer.request("SUBSCRIBE", {"destination": "/queue/jobs", "id": "w",
@@ -137,7 +127,7 @@ def test_database_outage_under_load_loses_nothing(cluster, start_broker, caplog)
 
 
 def test_outage_longer_than_retry_errors_then_recovers(cluster, start_broker):
-    broker = start_broker(db=create_database(cluster), db_retry=0.5)
+    broker = start_broker(db=cluster.create_database(), db_retry=0.5)
     client = RawClient(broker.address, timeout=30)
     client.connect("1.2")
     client.request("SEND", {"destination": "/queue/jobs"}, b"before")
@@ -156,7 +146,7 @@ def test_outage_longer_than_retry_errors_then_recovers(cluster, start_broker):
 
 
 def test_a_send_that_got_an_error_is_never_delivered(cluster, start_broker):
-    broker = start_broker(db=create_database(cluster), db_retry=0.5)
+    broker = start_broker(db=cluster.create_database(), db_retry=0.5)
     consumer = RawClient(broker.address, timeout=30)
     consumer.connect("1.2")
     consumer.request("SUBSCRIBE", {"destination": "/queue/jobs", "id": "w", "prefetch": "1",
