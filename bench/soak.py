@@ -54,7 +54,7 @@ import tempfile
 import threading
 import time
 
-from topic_fanout import find_listener_pid     # bench/ is on sys.path when run
+from topic_fanout import BenchError, find_listener_pid, frame   # bench/ is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PYMQ = os.path.join(os.path.dirname(HERE), "pymq.py")
@@ -62,18 +62,7 @@ RECV_SIZE = 256 * 1024
 SOCKET_TIMEOUT = 30.0           # bounds a blocked sendall(); reads use select() with their own
 
 
-class BenchError(Exception):
-    pass
-
-
 # -- raw STOMP ------------------------------------------------------------------------------
-
-def frame(command, headers, body=b""):
-    lines = [command] + ["%s:%s" % kv for kv in headers]
-    if body:
-        lines.append("content-length:%d" % len(body))
-    return ("\n".join(lines) + "\n\n").encode() + body + b"\0"
-
 
 class Conn:
     """A STOMP 1.2 connection: send() from any thread (frames never interleave), next() from
