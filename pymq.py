@@ -589,8 +589,10 @@ class Broker:
 
     def handle(self, conn, frame):
         """Carry out one frame from `conn` and send the RECEIPT it asks for: at once, with any
-        headers the handler answered (control destinations), or once the Batch the handler
-        returned is durable (queue SENDs). Raises ProtocolError for the connection to report."""
+        headers the handler answered (control destinations), once the Batch the handler
+        returned is durable (ACKs, COMMITs), or, for a queue SEND (the handler answers
+        (batch, message)), once the message is durable or ACKed by a consumer, whichever
+        comes first. Raises ProtocolError for the connection to report."""
         try:
             if conn.version is None:
                 if frame.command not in ("CONNECT", "STOMP"):
@@ -622,6 +624,9 @@ class Broker:
                 if isinstance(answer, dict):
                     headers.update(answer)
                     answer = None
+                elif isinstance(answer, tuple):
+                    conn.send_receipt(headers, after=answer[0], message=answer[1])
+                    return
                 conn.send_receipt(headers, after=answer)
         except ProtocolError as error:
             if error.receipt is None:
@@ -708,8 +713,8 @@ class Broker:
         return subs
 
     def enqueue(self, name, frame):
-        """Store a SEND to a queue; returns the Batch that makes it durable. The message may
-        be delivered before that: an ACK that comes first cancels the write."""
+        """Store a SEND to a queue; returns (the Batch that makes it durable, the message).
+        The message may be delivered before that: an ACK that comes first cancels the write."""
         headers = frame.headers
         priority, ack_timeout = _send_options(headers)
         user_headers = [(k, v) for k, v in headers.items() if k not in _NOT_FORWARDED]
@@ -728,7 +733,7 @@ class Broker:
             self._dispatch(queue)
         # Backpressure: past the async budget, this sender's reads wait for the writer.
         self.storage.wait_for_budget(self.options.async_budget)
-        return batch
+        return batch, message
 
     def control(self, name):
         """A SEND to /control/NAME: the answer goes into the RECEIPT's headers."""
@@ -1045,12 +1050,21 @@ class Broker:
 
     def on_ack(self, conn, frame):
         """The RECEIPT of an ACK waits until the deletion is durable: a message whose ACK was
-        receipted is never delivered again, crash or not."""
+        receipted is never delivered again, crash or not. The ACK also settles the RECEIPT
+        its sender may still be waiting for: a consumed message cannot be lost any more
+        (ActiveMQ's concurrent store and dispatch; the sender need not wait for the disk)."""
         queues = set()
         batch = None
         for in_flight in self._acked(conn, frame):
             sub = self._land(in_flight)
-            batch = self._forget(sub.queue, in_flight.message.seq)
+            message = in_flight.message
+            deleted = self._forget(sub.queue, message.seq)
+            if deleted is not None:     # None: it cancelled the insert, nothing to wait for
+                batch = deleted
+            sender = message.sender
+            if sender is not None:
+                message.sender = None
+                sender.receipts_ready()
             queues.add(sub.queue)
         for queue in queues:
             self._redispatch(queue)
@@ -1126,7 +1140,9 @@ class Broker:
         last_batch = None
         for pending in frames:
             answer = self._handlers[pending.command](conn, pending)
-            if answer is not None and not isinstance(answer, dict):
+            if isinstance(answer, tuple):           # a queue SEND: (batch, message)
+                last_batch = answer[0]
+            elif answer is not None and not isinstance(answer, dict):
                 last_batch = answer
         return last_batch
 
@@ -1270,7 +1286,9 @@ class Connection:
         self.closing = False           # reading has stopped; writing drains, then ends
         self.wants_drain = False       # a queue skipped us for our backlog: tell it when empty
         self._sealed = False           # the last frame (an ERROR) is queued: nothing after it
-        self._receipts = None          # deque of (Batch or None, RECEIPT bytes, id), in order
+        # RECEIPTs owed, in order: deque of (Batch or None, StoredMessage or None, RECEIPT
+        # bytes, receipt id). Each goes once its batch is durable or its message is ACKed.
+        self._receipts = None
         self._receipts_sent = gevent.event.Event()
         self.accepted_at = time.monotonic()
         self.last_read = self.last_write = self.accepted_at
@@ -1328,28 +1346,35 @@ class Connection:
     def send_frame(self, command, headers, body=b""):
         self.send((encode_frame(command, headers, body, self.version or "1.0"),))
 
-    def send_receipt(self, headers, after=None):
-        """Send a RECEIPT once `after` (a storage Batch) is durable, and after every RECEIPT
-        asked for before it. If the batch failed, the client gets an ERROR instead."""
+    def send_receipt(self, headers, after=None, message=None):
+        """Send a RECEIPT once `after` (a storage Batch) is durable, or once the broker settles
+        `message` (it was ACKed: Broker.on_ack), and after every RECEIPT asked for before it.
+        If the batch failed first, the client gets an ERROR instead."""
         frame = encode_frame("RECEIPT", headers, b"", self.version)
         if after is None and not self._receipts:
             self.send((frame,))
             return
         if self._receipts is None:
             self._receipts = collections.deque()
-        self._receipts.append((after, frame, headers["receipt-id"]))
+        if message is not None:
+            message.sender = self
+        self._receipts.append((after, message, frame, headers["receipt-id"]))
         if after is not None:
-            after.done.rawlink(self._send_receipts)
+            after.done.rawlink(self.receipts_ready)
 
-    def _send_receipts(self, _event=None):
+    def receipts_ready(self, _event=None):
+        """Send the RECEIPTs, oldest first, that nothing holds back any more."""
         receipts = self._receipts
         while receipts:
-            batch, frame, receipt = receipts[0]
-            if batch is not None and not batch.done.is_set():
+            batch, message, frame, receipt = receipts[0]
+            settled = message is not None and message.sender is None
+            if batch is not None and not settled and not batch.done.is_set():
                 return
             receipts.popleft()
             self._receipts_sent.set()
-            if batch is not None and batch.error is not None:
+            if message is not None:
+                message.sender = None
+            if batch is not None and not settled and batch.error is not None:
                 if self._sealed:
                     continue        # an ERROR is already on its way: it ends the connection
                 self.abort("message not stored: %s" % batch.error, receipt)
@@ -1363,7 +1388,7 @@ class Connection:
             frame = encode_frame("ERROR", error, b"", self.version or "1.0")
             if self._receipts:
                 # After the RECEIPTs owed for frames that came before the offending one.
-                self._receipts.append((None, frame, None))
+                self._receipts.append((None, None, frame, None))
             else:
                 self.send((frame,))
             self._sealed = True
@@ -1373,6 +1398,9 @@ class Connection:
         """Close with an ERROR from outside the reader, which may be waiting for the client."""
         if self._sealed:
             return
+        for _batch, owed, _frame, _receipt in self._receipts or ():
+            if owed is not None:
+                owed.sender = None      # nobody to tell any more
         self._receipts = None
         error = {"message": message}
         if receipt is not None:
@@ -1419,14 +1447,20 @@ class Connection:
         # gets before anything can yield. (A fresh 64 KiB bytes per recv() fragmented the C
         # heap: the 10-minute soak grew RSS 10-14 % with flat live memory.)
         buffer = self.broker.recv_buffer
+        drained = False
         while not self.closing:
             sock.settimeout(self._read_timeout())
             try:
+                if drained:
+                    # The last read emptied the socket: wait for data first rather than let
+                    # recv_into() find nothing (a syscall and an exception, twice a message).
+                    sock._wait(sock._read_event)
                 size = sock.recv_into(buffer)
             except socket.timeout:
                 continue            # _read_timeout() raises for the deadline that passed
             if not size:
                 return
+            drained = size < len(buffer)
             self.last_read = time.monotonic()
             parser.feed(buffer[:size])
             finished = False

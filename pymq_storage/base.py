@@ -24,9 +24,10 @@ one greenlet at a time, in order:
 the pending batch; one committer greenlet applies a batch at a time and starts the next as soon
 as the previous commits, so N concurrent senders share one fsync and all the waiters of a batch
 wake together. A delete for a message whose insert is still pending cancels both: the message is
-never written. Reads ride in the batch after its writes, so a read sees every write asked for
-before it (a count is exact; a load never misses a message sent before it was asked for, nor
-returns one ACKed before it was asked for).
+never written, and a batch that cancellations emptied completes without a round trip. Reads
+ride in the batch after its writes, so a read sees every write asked for before it (a count is
+exact; a load never misses a message sent before it was asked for, nor returns one ACKed before
+it was asked for).
 """
 
 import logging
@@ -50,9 +51,12 @@ class StorageError(Exception):
 
 class StoredMessage:
     """A queue message as stored. `headers` are the user headers to forward, (name, value)
-    pairs. Delivery order is by `key`: higher priority first, then arrival (seq)."""
+    pairs. Delivery order is by `key`: higher priority first, then arrival (seq).
 
-    __slots__ = ("seq", "queue", "priority", "ack_timeout", "headers", "body")
+    `sender` is the broker's, not the store's: the connection that owes a RECEIPT for this
+    SEND until the message is durable or ACKed, else None."""
+
+    __slots__ = ("seq", "queue", "priority", "ack_timeout", "headers", "body", "sender")
 
     def __init__(self, seq, queue, priority, ack_timeout, headers, body):
         self.seq = seq
@@ -61,6 +65,7 @@ class StoredMessage:
         self.ack_timeout = ack_timeout
         self.headers = headers
         self.body = body
+        self.sender = None
 
     @property
     def key(self):
@@ -229,18 +234,19 @@ class Storage:
         return batch
 
     def delete(self, seq):
-        """The message was ACKed: delete it (cancelling its insert if still pending). Returns
-        the Batch to wait on for the deletion to be durable."""
+        """The message was ACKed: delete it. Returns the Batch to wait on for the deletion to
+        be durable, or None if it cancelled the message's pending insert (nothing to wait
+        for: the message is never written)."""
         batch = self._pending
-        batch.used = True
         message = batch.inserts.pop(seq, None)
         if message is not None:
             size = message.size
             batch.bytes -= size
             self.pending_bytes -= size
             self.stats["cancelled"] += 1
-        else:
-            batch.deletes.append(seq)
+            return None
+        batch.used = True
+        batch.deletes.append(seq)
         self._wake.set()
         return batch
 
@@ -290,7 +296,10 @@ class Storage:
             self._pending = Batch()
             self._current = batch
             try:
-                batch.results = self._apply(batch)
+                if batch.inserts or batch.deletes or batch.reads or batch.next_seq is not None:
+                    batch.results = self._apply(batch)
+                else:
+                    batch.results = []      # cancellations emptied it: no round trip
             except Exception as error:
                 if self._outage is None:
                     log.error("storage batch failed: %s", error)

@@ -164,3 +164,31 @@ def test_a_send_that_got_an_error_is_never_delivered(cluster, start_broker):
     producer.request("SEND", {"destination": "/queue/jobs"}, b"after")
     consumer.send("ACK", {"id": held.headers["ack"]})
     assert consumer.expect("MESSAGE").body == b"after"    # not "during": it was never stored
+
+
+def test_a_message_acked_during_an_outage_is_receipted(cluster, start_broker):
+    """A SEND's RECEIPT goes once the message is durable or once a consumer has ACKed it,
+    whichever comes first: a consumed message cannot be lost, so its sender does not wait
+    for the store (here, until the database comes back)."""
+    broker = start_broker(db=cluster.create_database(), db_retry=30.0)
+    consumer = RawClient(broker.address, timeout=30)
+    consumer.connect("1.2")
+    consumer.request("SUBSCRIBE", {"destination": "/queue/jobs", "id": "w",
+                                   "ack": "client-individual"})
+    producer = RawClient(broker.address, timeout=30)
+    producer.connect("1.2")
+    cluster.stop("fast")
+    producer.send("SEND", {"destination": "/queue/jobs", "receipt": "sent"}, b"job")
+    message = consumer.expect("MESSAGE")
+    assert message.body == b"job"
+    consumer.send("ACK", {"id": message.headers["ack"], "receipt": "acked"})
+    assert producer.expect("RECEIPT").headers["receipt-id"] == "sent"   # the store is down
+    cluster.start()
+    # The ACK's own RECEIPT says the deletion is durable: nothing is left, nothing comes back.
+    assert consumer.expect("RECEIPT", timeout=30).headers["receipt-id"] == "acked"
+    count = consumer.request("SEND", {"destination": "/control/count-msgs/queue/jobs"})
+    assert count.headers["num-messages"] == "0"
+    consumer.request("UNSUBSCRIBE", {"id": "w"})
+    consumer.request("SUBSCRIBE", {"destination": "/queue/jobs", "id": "again"})
+    producer.request("SEND", {"destination": "/queue/jobs"}, b"next")
+    assert consumer.expect("MESSAGE").body == b"next"

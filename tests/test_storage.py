@@ -369,16 +369,17 @@ def test_cancelled_save_batch_still_completes(store):
 
 
 def test_delete_returns_a_batch_to_wait_for_durability(store):
-    """delete() returns the batch that makes the deletion durable (an ACK receipt waits on it),
-    whether the delete was sent to the backend, cancelled a pending insert, or was unknown."""
+    """delete() returns the batch that makes the deletion durable (an ACK receipt waits on it)
+    when the delete goes to the backend, whether the message is known or not; None when it
+    cancelled a pending insert (nothing is written, nothing to wait for)."""
     committed = put_wait(store)
     batch = store.delete(committed.seq)
     within(batch.wait)
     assert batch.error is None
     pending, save_batch = put(store)
-    cancel_batch = store.delete(pending.seq)
-    assert cancel_batch is save_batch
-    within(cancel_batch.wait)
+    assert store.delete(pending.seq) is None
+    within(save_batch.wait)
+    assert save_batch.error is None
     unknown_batch = store.delete(10**15)
     within(unknown_batch.wait)
     assert store.pending_bytes == 0
