@@ -498,9 +498,12 @@ class QueueSubscription(Subscription):
     __slots__ = ("queue", "prefetch", "in_flight")
     kind = "queue"
 
-    def __init__(self, conn, sub_id, queue, ack, prefetch):
-        super().__init__(conn, sub_id, queue.name, ack)
-        self.queue = queue
+    def __init__(self, conn, sub_id, name, ack, prefetch):
+        super().__init__(conn, sub_id, name, ack)
+        # The Queue; or, while the subscription stands alone for its queue (Broker._settle),
+        # None, or the storage Batch of the probe still finding out whether the queue holds
+        # messages.
+        self.queue = None
         self.prefetch = prefetch      # most messages in flight (acked modes)
         self.in_flight = None         # message id -> InFlight, in delivery order, once used
 
@@ -527,7 +530,11 @@ class Queue:
     bounded buffer of ready ones, refilled from storage in delivery order.
 
     The buffer invariant: every stored message of the queue that is not in memory (ready or in
-    flight, i.e. in `held`) has a key after `cursor`; `exhausted` means storage has none."""
+    flight, i.e. in `held`) has a key after `cursor`; `exhausted` means storage has none.
+
+    An idle queue with a single subscription has no Queue: Broker.queues maps its name to the
+    subscription itself (see Broker._settle), so that a million idle workers each waiting on
+    a queue of their own cost about what a million topic subscriptions do."""
 
     __slots__ = ("name", "subs", "next_sub", "ready", "held", "cursor", "exhausted",
                  "refilling", "acked_while_refilling", "returned")
@@ -540,8 +547,8 @@ class Queue:
         self.held = None              # seqs ready or in flight: a set, once there are any
         self.cursor = None            # key of the last message loaded from storage
         self.exhausted = False
-        self.refilling = False
-        self.acked_while_refilling = None     # a set, while a refill is out
+        self.refilling = False        # the storage Load of a refill, while one is out
+        self.acked_while_refilling = None     # seqs ACKed while a refill is out, once any
         self.returned = returned      # None, or seqs delivered before, not ACKed, not in memory
 
 
@@ -559,7 +566,9 @@ class Broker:
         self.topics = {}            # topic name -> subscriptions (exact), see _members()
         self.prefixes = {}          # "prefix*" -> subscriptions of /topic/prefix*
         self.prefix_lengths = {}    # prefix length -> how many prefixes have it
-        self.queues = {}            # queue name -> Queue, only while it has subscribers
+        # queue name -> Queue, only while it has subscribers; or its only QueueSubscription,
+        # while nothing of the queue is stored or in memory (see _settle)
+        self.queues = {}
         # queue name -> seqs of messages that were in flight when the queue lost its last
         # subscriber: all an idle queue keeps in memory, so that they come back redelivered.
         self.returned = {}
@@ -580,6 +589,7 @@ class Broker:
     def start(self):
         self._timer_loop = gevent.spawn(self._run_timers)
         self.storage.on_insert_failed = self._unsend
+        self.storage.on_probed = self._probed
 
     def stop(self):
         if self._timer_loop is not None:
@@ -724,7 +734,7 @@ class Broker:
         except pymq_storage.StorageError as error:
             raise ProtocolError("message not stored: %s" % error)
         batch = self.storage.save(message)
-        queue = self.queues.get(name)
+        queue = self._queue(name)
         if queue is not None:
             # In memory only if the buffer invariant needs it (or it costs no storage read).
             if (queue.refilling or queue.exhausted
@@ -748,7 +758,8 @@ class Broker:
             return {"num-subscribers": str(len(self.topic_subscriptions(target)))}
         if prefix == "count-subscribers/queue/":
             queue = self.queues.get(target)
-            return {"num-subscribers": str(len(queue.subs) if queue else 0)}
+            count = 0 if queue is None else 1 if queue.__class__ is not Queue else len(queue.subs)
+            return {"num-subscribers": str(count)}
         return {"num-messages": str(self.storage.count(target))}
 
     # -- SUBSCRIBE / UNSUBSCRIBE ---------------------------------------------------------------
@@ -772,11 +783,18 @@ class Broker:
                 raise ProtocolError("subscription id %r is already in use" % sub_id[:100])
             self._remove_subscription(existing)     # re-subscribing replaces, e.g. the ack mode
         if kind == "queue":
-            queue = self.queues.get(name)
-            if queue is None:
-                queue = self.queues[name] = Queue(name, self.returned.pop(name, None))
-            sub = QueueSubscription(conn, sub_id, queue, ack, self._prefetch(headers))
+            sub = QueueSubscription(conn, sub_id, name, ack, self._prefetch(headers))
             conn.subscriptions[sub.id] = sub
+            queue = self._queue(name)
+            if queue is None and name not in self.returned:
+                # The queue's first subscription stands alone for it while the store says
+                # whether it holds anything: no Queue unless it does.
+                self.queues[name] = sub
+                sub.queue = self.storage.probe_async(name)
+                return
+            if queue is None:
+                queue = self.queues[name] = Queue(name, self.returned.pop(name))
+            sub.queue = queue
             queue.subs.append(sub)
             self._dispatch(queue)
             return
@@ -820,8 +838,11 @@ class Broker:
 
     def _remove_subscription(self, sub):
         """Final: nothing (a late ACK, a timeout) brings the subscription back."""
-        queue = sub.queue
-        if queue is not None:
+        if sub.kind == "queue":
+            queue = sub.queue
+            if queue.__class__ is not Queue:    # it stood alone for its queue: nothing else
+                del self.queues[sub.name]
+                return
             queue.subs.remove(sub)
             for in_flight in list(sub.in_flight.values() if sub.in_flight else ()):
                 self._return(in_flight)
@@ -848,6 +869,30 @@ class Broker:
             _index_remove(self.topics, name, sub)
 
     # -- queue delivery ------------------------------------------------------------------------
+
+    def _queue(self, name):
+        """The Queue `name`, or None if it has no subscribers. A queue settled into its only
+        subscription becomes a Queue again."""
+        queue = self.queues.get(name)
+        if queue is None or queue.__class__ is Queue:
+            return queue
+        sub = queue
+        queue = self.queues[name] = Queue(name, None)
+        # Settled: what _settle() required. Else a probe is out: the Queue refills instead.
+        queue.exhausted = sub.queue is None
+        sub.queue = queue
+        queue.subs.append(sub)
+        return queue
+
+    def _settle(self, queue):
+        """Let an idle queue's only subscription stand for it: nothing of the queue is stored
+        or in memory, so the Queue holds nothing but that subscription."""
+        if (len(queue.subs) == 1 and queue.exhausted and not queue.ready and not queue.held
+                and not queue.returned and not queue.refilling
+                and self.queues.get(queue.name) is queue):
+            sub = queue.subs[0]
+            sub.queue = None
+            self.queues[queue.name] = sub
 
     def _make_ready(self, queue, message, previous=None):
         heapq.heappush(queue.ready, (message.key, message, previous))
@@ -883,14 +928,14 @@ class Broker:
             self._deliver(queue, sub, message, redelivered=previous is not None)
         if queue.refilling:
             return
-        if len(ready) > 2 * REFILL_BATCH:
+        if queue.exhausted and not ready:
+            self._settle(queue)
+        elif len(ready) > 2 * REFILL_BATCH:
             self._trim(queue)
         elif not queue.exhausted and (len(ready) < REFILL_BATCH // 2
                                       or (ready and not self._in_order(queue, ready[0][0]))):
-            queue.refilling = True
-            queue.acked_while_refilling = set()
-            self.storage.load_async(queue.name, queue.cursor, REFILL_BATCH,
-                                    lambda messages: self._refilled(queue, messages))
+            queue.refilling = self.storage.load_async(queue.name, queue.cursor, REFILL_BATCH,
+                                                      self._loaded)
 
     @staticmethod
     def _in_order(queue, key):
@@ -952,6 +997,8 @@ class Broker:
         if queue.returned:
             queue.returned.discard(seq)
         if queue.refilling:
+            if queue.acked_while_refilling is None:
+                queue.acked_while_refilling = set()
             queue.acked_while_refilling.add(seq)
         return self.storage.delete(seq)
 
@@ -974,6 +1021,24 @@ class Broker:
             heapq.heappush(queue.ready, (in_flight.message.key, in_flight.message, sub.conn))
         return queue
 
+    def _probed(self, batch, held):
+        """The storage answered the probes of subscriptions standing alone for their queues
+        (held: the names of those holding messages; None if the store failed)."""
+        for name in batch.probes:
+            sub = self.queues.get(name)
+            if sub is None or sub.__class__ is Queue or sub.queue is not batch:
+                continue                    # gone, or probed again since
+            if held is not None and name not in held:
+                sub.queue = None            # nothing stored: settled as it is
+            else:
+                self._dispatch(self._queue(name))       # a Queue, to load what is stored
+
+    def _loaded(self, load, messages):
+        """The storage answered a refill (messages is None if it failed)."""
+        queue = self.queues.get(load.queue)
+        if queue.__class__ is Queue and queue.refilling is load:
+            self._refilled(queue, messages)
+
     def _refilled(self, queue, messages):
         """The storage answered a refill (messages is None if it failed)."""
         if messages is None:
@@ -989,7 +1054,7 @@ class Broker:
         budget = REFILL_BYTES
         for message in messages:
             queue.cursor = message.key
-            if (queue.held and message.seq in queue.held) or message.seq in acked:
+            if (queue.held and message.seq in queue.held) or (acked and message.seq in acked):
                 continue
             previous = None
             if queue.returned and message.seq in queue.returned:
@@ -1011,7 +1076,7 @@ class Broker:
             failed.setdefault(message.queue, set()).add(message.seq)
         for name, seqs in failed.items():
             queue = self.queues.get(name)
-            if queue is None or not queue.ready:
+            if queue is None or queue.__class__ is not Queue or not queue.ready:
                 continue
             kept = [entry for entry in queue.ready if entry[1].seq not in seqs]
             if len(kept) < len(queue.ready):
@@ -1027,7 +1092,7 @@ class Broker:
     def drained(self, conn):
         """The connection's outbound buffer emptied: its queues may deliver again."""
         for sub in list(conn.subscriptions.values()):
-            if sub.queue is not None:
+            if sub.queue.__class__ is Queue:
                 self._redispatch(sub.queue)
 
     # -- ACK / NACK ----------------------------------------------------------------------------
@@ -1670,7 +1735,8 @@ class Server:
         self._server.stop(timeout=timeout)
         self.broker.stop()
         self.storage.close()         # commits the writes still pending: nothing accepted is lost
-        log.info("pymq stopped")
+        log.info("pymq stopped; storage: %s", ", ".join(
+            "%d %s" % (value, key) for key, value in self.storage.stats.items()))
         self._stopped.set()
 
 

@@ -13,7 +13,8 @@ one greenlet at a time, in order:
   (StoredMessage), delete the sequence numbers in `deletes` and, when `next_seq` is not None,
   record that sequence numbers below it are taken (reserved: see Storage.new_message); make it
   durable (commit and fsync) before returning; then answer `reads`
-  (Load, Count) against the new state, one result each, in order. If it raises, none of the
+  (Load, Count) against the new state, one result each, in order: ``answer(reads)`` does it
+  with the backend's ``read(read)`` and ``queues_holding(names)``. If it raises, none of the
   writes happened.
 - ``close()``.
 - ``is_transient(error) -> bool``: whether a failed apply() is worth retrying (the database
@@ -82,23 +83,36 @@ class StoredMessage:
 
 class Load:
     """Read: up to `limit` messages of `queue` whose key is after `after` (None: from the
-    start), in delivery order."""
+    start), in delivery order. `callback`: see Storage.load_async()."""
 
-    __slots__ = ("queue", "after", "limit")
+    __slots__ = ("queue", "after", "limit", "callback")
 
-    def __init__(self, queue, after, limit):
+    def __init__(self, queue, after, limit, callback=None):
         self.queue = queue
         self.after = after
         self.limit = limit
+        self.callback = callback
 
 
 class Count:
     """Read: how many messages of `queue` are stored."""
 
     __slots__ = ("queue",)
+    callback = None
 
     def __init__(self, queue):
         self.queue = queue
+
+
+class Holding:
+    """Read: which of the queue names `names` have stored messages (a set). See
+    Storage.probe_async()."""
+
+    __slots__ = ("names",)
+    callback = None
+
+    def __init__(self, names):
+        self.names = names
 
 
 class Backend:
@@ -120,18 +134,31 @@ class Backend:
     def is_transient(self, error):
         return False
 
+    def answer(self, reads):
+        """The results of `reads`, in order, for apply()."""
+        return [self.queues_holding(read.names) if read.__class__ is Holding
+                else self.read(read) for read in reads]
+
+    def read(self, read):
+        """The result of one Load or Count."""
+        raise NotImplementedError
+
+    def queues_holding(self, names):
+        """The set of those of the queue names `names` that have stored messages."""
+        raise NotImplementedError
+
 
 class Batch:
     """Writes and reads that will be applied in one transaction."""
 
-    __slots__ = ("inserts", "deletes", "reads", "callbacks", "next_seq", "results", "bytes",
+    __slots__ = ("inserts", "deletes", "reads", "probes", "next_seq", "results", "bytes",
                  "done", "error", "used")
 
     def __init__(self):
         self.inserts = {}           # seq -> StoredMessage
         self.deletes = []
         self.reads = []
-        self.callbacks = []     # (read index, function) of load_async()
+        self.probes = None      # queue names of probe_async(), once there are any
         self.next_seq = None    # a reservation of sequence numbers to record
         self.results = None
         self.bytes = 0
@@ -176,6 +203,8 @@ class Storage:
         self._outage = None         # when the current outage began
         # Called with the messages of a batch that failed: they were never stored.
         self.on_insert_failed = None
+        # Called as on_probed(batch, held) once a batch with probes (probe_async) is applied.
+        self.on_probed = None
 
     def open(self):
         if self.backend.blocking:
@@ -273,14 +302,30 @@ class Storage:
         return self._read(Count(queue))
 
     def load_async(self, queue, after, limit, callback):
-        """load() without blocking and without a greenlet: callback(messages), or
-        callback(None) if the batch failed, is called by the committer once the batch is
-        applied. The callback must not block."""
+        """load() without blocking and without a greenlet: returns the Load; the committer
+        calls callback(load, messages), or callback(load, None) if the batch failed, once
+        the batch is applied. The callback must not block. (The Load tells the answers apart,
+        so one bound method serves every queue: no closure per refill.)"""
         batch = self._pending
         batch.used = True
-        batch.callbacks.append((len(batch.reads), callback))
-        batch.reads.append(Load(queue, after, limit))
+        load = Load(queue, after, limit, callback)
+        batch.reads.append(load)
         self._wake.set()
+        return load
+
+    def probe_async(self, name):
+        """Ask whether queue `name` holds any message, without blocking and for the price of
+        a list slot: a million workers may subscribe at once, each to a queue of its own.
+        Returns the Batch the question rides in; once it is applied, the committer calls
+        on_probed(batch, held): `held` is the set of the names of batch.probes that hold
+        messages, or None if the batch failed."""
+        batch = self._pending
+        batch.used = True
+        if batch.probes is None:
+            batch.probes = []
+        batch.probes.append(name)
+        self._wake.set()
+        return batch
 
     # -- the committer -------------------------------------------------------------------------
 
@@ -288,44 +333,58 @@ class Storage:
         while True:
             self._wake.wait()
             self._wake.clear()
-            batch = self._pending
-            if not batch:
+            if not self._pending:
                 if self._closing:
                     return
                 continue
-            self._pending = Batch()
-            self._current = batch
-            try:
-                if batch.inserts or batch.deletes or batch.reads or batch.next_seq is not None:
-                    batch.results = self._apply(batch)
-                else:
-                    batch.results = []      # cancellations emptied it: no round trip
-            except Exception as error:
-                if self._outage is None:
-                    log.error("storage batch failed: %s", error)
-                    log.debug("storage batch failed", exc_info=True)
-                else:
-                    log.error("storage batch failed: still unavailable after %g s",
-                              self.retry_for)
-                batch.error = StorageError(str(error).strip() or error.__class__.__name__)
-                if batch.inserts and self.on_insert_failed is not None:
-                    self.on_insert_failed(list(batch.inserts.values()))
-            else:
-                self.stats["batches"] += 1
-                self.stats["inserts"] += len(batch.inserts)
-                self.stats["deletes"] += len(batch.deletes)
-            self.pending_bytes -= batch.bytes
-            self._current = None
-            batch.done.set()
-            for index, callback in batch.callbacks:
-                try:
-                    callback(None if batch.error is not None else batch.results[index])
-                except Exception:
-                    log.exception("storage callback failed")
-            committed, self._committed = self._committed, gevent.event.Event()
-            committed.set()
+            # In a call of its own, so that nothing of the batch (say 100,000 loads of new
+            # subscriptions, with their results) stays referenced while the loop waits.
+            self._commit()
             if self._pending or self._closing:
                 self._wake.set()
+
+    def _commit(self):
+        """Apply the pending batch; wake its waiters, run its callbacks."""
+        batch, self._pending = self._pending, Batch()
+        self._current = batch
+        if batch.probes:
+            batch.reads.append(Holding(batch.probes))      # after the reads asked for
+        try:
+            if batch.inserts or batch.deletes or batch.reads or batch.next_seq is not None:
+                batch.results = self._apply(batch)
+            else:
+                batch.results = []      # cancellations emptied it: no round trip
+        except Exception as error:
+            if self._outage is None:
+                log.error("storage batch failed: %s", error)
+                log.debug("storage batch failed", exc_info=True)
+            else:
+                log.error("storage batch failed: still unavailable after %g s",
+                          self.retry_for)
+            batch.error = StorageError(str(error).strip() or error.__class__.__name__)
+            if batch.inserts and self.on_insert_failed is not None:
+                self.on_insert_failed(list(batch.inserts.values()))
+        else:
+            self.stats["batches"] += 1
+            self.stats["inserts"] += len(batch.inserts)
+            self.stats["deletes"] += len(batch.deletes)
+        self.pending_bytes -= batch.bytes
+        self._current = None
+        batch.done.set()
+        for index, read in enumerate(batch.reads):
+            if read.callback is None:
+                continue
+            try:
+                read.callback(read, None if batch.error is not None else batch.results[index])
+            except Exception:
+                log.exception("storage callback failed")
+        if batch.probes and self.on_probed is not None:
+            try:
+                self.on_probed(batch, None if batch.error is not None else batch.results[-1])
+            except Exception:
+                log.exception("storage callback failed")
+        committed, self._committed = self._committed, gevent.event.Event()
+        committed.set()
 
     def barrier(self):
         """A Batch that completes once everything asked for so far is durable."""

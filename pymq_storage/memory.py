@@ -28,9 +28,12 @@ class MemoryBackend(Backend):
                 del queue[seq]
                 if not queue:
                     del self.queues[message.queue]
-        return [self._read(read) for read in reads]
+        return self.answer(reads)
 
-    def _read(self, read):
+    def queues_holding(self, names):
+        return {name for name in names if name in self.queues}
+
+    def read(self, read):
         messages = self.queues.get(read.queue, {})
         if isinstance(read, Count):
             return len(messages)

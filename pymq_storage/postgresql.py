@@ -103,7 +103,7 @@ class PostgreSQLBackend(Backend):
                                    "WHERE key = 'next_seq'", (next_seq,))
             if inserts or deletes or next_seq is not None:
                 db.commit()
-            results = [self._read(read) for read in reads]
+            results = self.answer(reads)
             db.commit()         # ends the reads' transaction: no idle snapshot held open
             return results
         except Exception:
@@ -122,7 +122,13 @@ class PostgreSQLBackend(Backend):
                 pass
             self.db = None
 
-    def _read(self, read):
+    def queues_holding(self, names):
+        with self.db.cursor() as cursor:
+            cursor.execute("SELECT name FROM unnest(%s::text[]) AS name WHERE EXISTS "
+                           "(SELECT 1 FROM pymq_messages WHERE queue = name)", (list(names),))
+            return {row[0] for row in cursor.fetchall()}
+
+    def read(self, read):
         with self.db.cursor() as cursor:
             if isinstance(read, Count):
                 cursor.execute("SELECT COUNT(*) FROM pymq_messages WHERE queue = %s",

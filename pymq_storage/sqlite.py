@@ -80,9 +80,20 @@ class SQLiteBackend(Backend):
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
-        return [self._read(read) for read in reads]
+        return self.answer(reads)
 
-    def _read(self, read):
+    def queues_holding(self, names):
+        names = list(names)
+        held = set()
+        for start in range(0, len(names), 500):
+            chunk = names[start:start + 500]
+            held.update(row[0] for row in self.db.execute(
+                "WITH names(queue) AS (VALUES %s) SELECT queue FROM names WHERE EXISTS "
+                "(SELECT 1 FROM messages WHERE messages.queue = names.queue)"
+                % ",".join(["(?)"] * len(chunk)), chunk))
+        return held
+
+    def read(self, read):
         if isinstance(read, Count):
             return self.db.execute("SELECT COUNT(*) FROM messages WHERE queue = ?",
                                    (read.queue,)).fetchone()[0]

@@ -750,7 +750,6 @@ def test_count_subscribers_is_exact_after_a_subscriber_leaves(start_broker, conn
         leaver.send("NONSENSE")
     _expect_redelivered(stayer, "m1")               # the subscription is gone by now
     assert count_subscribers(producer, "cs") == 1
-    assert b.call(lambda: len(b.server.broker.queues["cs"].subs)) == 1
     # The one left takes everything: nothing goes to the dead one.
     send_all(producer, "cs", [str(i) for i in range(10)])
     assert [body(m) for m in receive(stayer, 10)] == [str(i) for i in range(10)]
@@ -985,7 +984,9 @@ def test_a_queue_without_subscribers_holds_no_broker_memory(broker, connect):
 def _buffer_size(b, name):
     def size():
         queue = b.server.broker.queues[name]
-        return len(queue.ready), len(queue.held)
+        if not isinstance(queue, pymq.Queue):
+            return 0, 0             # an idle queue, settled into its only subscription
+        return len(queue.ready), len(queue.held or ())
     return b.call(size)
 
 

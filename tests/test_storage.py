@@ -465,6 +465,52 @@ def test_a_batch_in_flight_does_not_swallow_later_saves(store):
 # Reads ride after writes
 # ---------------------------------------------------------------------------------------------
 
+def test_load_async_answers_many_first_loads_at_once(store):
+    """Loads from the start of 1,200 queues in one batch (a crowd of new subscribers; more
+    than one chunk of the backends' which-queues-hold-anything query), some empty, names
+    that need quoting, a load with a cursor and a count among them: each callback gets its
+    own Load and the same messages a load of its own would have returned."""
+    names = ["q%d" % i for i in range(1200)] + ["it's", "100%", 'q"x', "q,(?)", ""]
+    holding = names[::7] + ["it's", "100%", 'q"x', "q,(?)"]
+    sent = {name: [put(store, name, priority=p % 10)[0] for p in range(3)] for name in holding}
+    within(store.barrier().wait)
+    answers = {}
+
+    def callback(load, messages):
+        answers[load.queue, load.after] = messages
+
+    loads = [store.load_async(name, None, 1000, callback) for name in names]
+    cursor = sorted(sent["q0"], key=lambda m: m.key)[0].key
+    with_cursor = store.load_async("q0", cursor, 1000, callback)
+    counted = within(store.count, "q7")
+    assert counted == 3
+    assert all(load.queue == name for load, name in zip(loads, names))
+    assert len(answers) == len(names) + 1
+    for name in names:
+        assert seqs(answers[name, None]) == delivery_order(sent.get(name, []))
+    assert seqs(answers["q0", with_cursor.after]) == delivery_order(sent["q0"])[1:]
+
+
+def test_probe_async_tells_which_queues_hold_messages(store):
+    """1,200+ probes in one batch (a crowd of new subscribers; more than one chunk of the
+    backends' query), names that need quoting, and a message saved in the same batch (the
+    probe rides after the writes): on_probed gets the batch and the names holding any."""
+    names = ["q%d" % i for i in range(1200)] + ["it's", "100%", 'q"x', "q,(?)", ""]
+    holding = set(names[::7] + ["it's", "100%", 'q"x', "q,(?)"])
+    for name in sorted(holding - {"q7"}):
+        put(store, name)
+    within(store.barrier().wait)
+    put(store, "q7")                            # not waited for: same batch as the probes
+    answers = []
+    store.on_probed = lambda batch, held: answers.append((batch, held))
+    batches = {store.probe_async(name) for name in names}
+    assert len(batches) == 1
+    within(batches.pop().wait)
+    [(batch, held)] = answers
+    assert batch.probes == names
+    assert held == holding
+
+
 def test_count_and_load_after_an_unwaited_save_see_it(store):
     message, batch = put(store)
     assert not batch.done.is_set()
