@@ -74,7 +74,7 @@ OPTIONS = (
     ("max-body", 16 * 1024 * 1024, "BYTES", "largest frame body"),
     ("max-outbound", 64 * 1024 * 1024, "BYTES", "drop a client this far behind in reading"),
     ("max-connections", 10000, "N", "refuse connections beyond this many, with an ERROR"),
-    ("max-subscriptions", 100000, "N", "most subscriptions on one connection"),
+    ("max-subscriptions", 1000000, "N", "most subscriptions on one connection"),
     ("max-pending-receipts", 10000, "N", "stop reading from a client while this many of its "
                                          "RECEIPTs wait for the store"),
     ("db", "pymq.db", "URL", "message store: a SQLite file, sqlite:///PATH, "
@@ -934,6 +934,10 @@ class Broker:
             self._trim(queue)
         elif not queue.exhausted and (len(ready) < REFILL_BATCH // 2
                                       or (ready and not self._in_order(queue, ready[0][0]))):
+            if not ready and not any(self._can_take(sub, queue) for sub in queue.subs):
+                # Nobody can take a message now: load when someone can (an ACK, a drained
+                # backlog, a new subscriber dispatch again), not to hold it in memory meanwhile.
+                return
             queue.refilling = self.storage.load_async(queue.name, queue.cursor, REFILL_BATCH,
                                                       self._loaded)
 
@@ -951,18 +955,30 @@ class Broker:
         for i in range(count):
             index = (queue.next_sub + i) % count
             sub = subs[index]
-            if sub.ready():
+            if self._can_take(sub, queue):
                 if sub.conn is avoid and fallback is None:
                     fallback = index
                     continue
                 queue.next_sub = index + 1
                 return sub
-            if not sub.conn.closing and sub.conn.backlog >= QUEUE_BACKLOG:
-                sub.conn.wants_drain = True
         if fallback is not None:
             queue.next_sub = fallback + 1
             return subs[fallback]
         return None
+
+    @staticmethod
+    def _can_take(sub, queue):
+        """Whether `sub` can take a message of `queue` now. If its connection's backlog is
+        what stops it, the queue is noted: once the backlog is written, it dispatches again
+        (Broker.drained)."""
+        if sub.ready():
+            return True
+        conn = sub.conn
+        if not conn.closing and conn.backlog >= QUEUE_BACKLOG:
+            if conn.starved is None:
+                conn.starved = set()
+            conn.starved.add(queue)
+        return False
 
     def _deliver(self, queue, sub, message, redelivered):
         conn = sub.conn
@@ -1090,10 +1106,17 @@ class Broker:
             self._dispatch(queue)
 
     def drained(self, conn):
-        """The connection's outbound buffer emptied: its queues may deliver again."""
-        for sub in list(conn.subscriptions.values()):
-            if sub.queue.__class__ is Queue:
-                self._redispatch(sub.queue)
+        """The connection's outbound buffer emptied: the queues that skipped it for its
+        backlog may deliver again; only those, and only until it is backlogged again (a
+        connection may have a million queues)."""
+        starved, conn.starved = conn.starved, None
+        while starved and conn.backlog < QUEUE_BACKLOG and not conn.closing:
+            self._redispatch(starved.pop())
+        if starved:
+            if conn.starved is None:
+                conn.starved = starved
+            else:
+                conn.starved |= starved
 
     # -- ACK / NACK ----------------------------------------------------------------------------
 
@@ -1349,7 +1372,8 @@ class Connection:
         self.in_flight = {}            # message id -> InFlight, of every queue subscription
         self.transactions = {}         # transaction id -> frames waiting for COMMIT
         self.closing = False           # reading has stopped; writing drains, then ends
-        self.wants_drain = False       # a queue skipped us for our backlog: tell it when empty
+        self.starved = None            # Queues that skipped us for our backlog: tell them when
+                                       # it is written (a set, once there are any)
         self._sealed = False           # the last frame (an ERROR) is queued: nothing after it
         # RECEIPTs owed, in order: deque of (Batch or None, StoredMessage or None, RECEIPT
         # bytes, receipt id). Each goes once its batch is durable or its message is ACKed.
@@ -1609,8 +1633,7 @@ class Connection:
         self._all_written()
 
     def _all_written(self):
-        if self.wants_drain and not self.closing:
-            self.wants_drain = False
+        if self.starved is not None and not self.closing:
             self.broker.drained(self)
         if not self._out:
             self._written.set()

@@ -1181,3 +1181,35 @@ def test_disconnect_receipt_after_in_flight_messages_are_back_in_the_queue(conne
     receipt = stayer.expect("RECEIPT")
     assert receipt.headers == {"receipt-id": "marker", "num-subscribers": "1"}
     assert held[0].headers["message-id"] != held[1].headers["message-id"]
+
+
+def test_one_connection_drains_many_queues_past_its_backlog(connect):
+    """One consumer subscribes to 2,000 queues holding a 2 KB message each, without reading
+    at first: the queues skip it while its backlog is full and deliver again as it drains,
+    a few at a time (no queue is forgotten, none loads what nobody can take yet)."""
+    producer = connect()
+    names = ["many.%d" % i for i in range(2000)]
+    frames = [pymq.encode_frame("SEND", {"destination": "/queue/" + name}, name.encode() * 200)
+              for name in names]
+    frames.append(pymq.encode_frame("SEND", {"destination": "/queue/" + names[-1],
+                                             "receipt": "sent"}, b"last"))
+    producer.send_bytes(b"".join(frames))
+    assert producer.expect("RECEIPT").headers["receipt-id"] == "sent"
+    consumer = connect()
+    consumer.send_bytes(b"".join(
+        pymq.encode_frame("SUBSCRIBE", {"destination": "/queue/" + name, "id": name,
+                                        "ack": "client-individual"}) for name in names)
+        + pymq.encode_frame("SEND", {"destination": "/control/count-subscribers/topic/x",
+                                     "receipt": "subscribed"}))
+    got = []
+    while len(got) < len(names) + 1:
+        frame = consumer.expect()
+        if frame.command == "MESSAGE":
+            got.append((frame.headers["destination"], frame.body))
+            ack(consumer, frame)
+        else:
+            assert frame.command == "RECEIPT", frame
+    expected = [("/queue/" + name, name.encode() * 200) for name in names]
+    expected.append(("/queue/" + names[-1], b"last"))
+    assert sorted(got) == sorted(expected)
+    assert count_msgs(consumer, names[0]) == 0
