@@ -1,6 +1,7 @@
 """Resource limits, disk trouble and security basics: what keeps one client, or a full disk,
 from hurting everyone else."""
 
+import itertools
 import os
 import shutil
 import socket
@@ -201,3 +202,54 @@ def test_debug_log_shows_no_credentials_and_no_bodies(broker_process):
     assert "SEND" in log                                    # it did log the frames
     for secret in ("pa55-w0rd-x", "guess-9x7", "BODY-SECRET-123"):
         assert secret not in log
+
+
+def test_closed_connections_leave_no_reference_cycles(start_broker):
+    """A closed connection's objects are freed by reference counting, at once: none waits in
+    a cycle for the garbage collector (memory would pile up between collections, and a full
+    collection over 10,000 connections stalls every client). After clients that subscribe,
+    consume, leave transactions open, break the protocol or vanish, no broker object may be
+    left for the cyclic collector to find."""
+    import gc
+    broker = start_broker()
+
+    sessions = itertools.count()
+
+    def session(end):
+        queue = "/queue/jobs.%d" % next(sessions)
+        client = RawClient(broker.address)
+        client.connect("1.2")
+        client.request("SUBSCRIBE", {"destination": queue, "id": "q",
+                                     "ack": "client-individual"})
+        client.request("SUBSCRIBE", {"destination": "/topic/news.*", "id": "t"})
+        client.send("BEGIN", {"transaction": "tx"})
+        client.send("SEND", {"destination": queue}, b"job")
+        client.send("SEND", {"destination": "/topic/news.today"}, b"news")
+        messages = {client.expect("MESSAGE").headers["subscription"] for _ in range(2)}
+        assert messages == {"q", "t"}
+        if end == "disconnect":
+            client.request("DISCONNECT")
+        elif end == "garbage":
+            client.send_bytes(b"NONSENSE\n\n\0")
+            client.expect("ERROR")
+        client.close()              # "vanish": in flight, unacknowledged, transaction open
+
+    for end in ("disconnect", "garbage", "vanish"):
+        session(end)                # warm-up: caches, interned strings
+    wait_until_idle = time.monotonic() + TIMEOUT
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for end in ("disconnect", "garbage", "vanish") * 5:
+            session(end)
+        while broker.call(lambda: len(broker.server.connections)) and \
+                time.monotonic() < wait_until_idle:
+            time.sleep(0.01)
+        assert broker.call(lambda: len(broker.server.connections)) == 0
+        broker.call(gc.collect)
+        ours = [type(o).__name__ for o in gc.garbage
+                if type(o).__module__ in ("pymq", "pymq_storage.base")]
+        assert ours == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
