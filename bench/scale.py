@@ -6,8 +6,11 @@
 Starts `python pymq.py` (SQLite, default configuration) for each scenario and prints
 stompbench's summary line. By default the sizes are a tenth of the targets so that a run takes
 a couple of minutes; --full runs the targets themselves: 1,000,000 topic subscriptions
-(100 connections x 10,000), 100,000 queue subscriptions, 1,000,000 queues with one stored
-message each (then drained), and 1,000 connections sending and receiving once a second.
+(100 connections x 10,000), 1,000,000 queue subscriptions, 1,000,000 queues with one stored
+message each (then drained), and 10,000 connections sending and receiving once a second
+(stompbench runs a thread per connection: it needs a file descriptor limit above 10,000).
+bench/deep_queue.py (one queue of 5,000,000 messages) and bench/complexity.py (the cost of a
+SEND, a SUBSCRIBE and an ACK with a million other subscriptions) are the other two targets.
 """
 
 import argparse
@@ -21,13 +24,13 @@ SCENARIOS = {
     # name: (quick, full)
     "topic subscriptions": ("many-subs --conns 100 --dests 1000 --dest-kind topic",
                             "many-subs --conns 100 --dests 10000 --dest-kind topic"),
-    "queue subscriptions": ("many-subs --conns 100 --dests 100 --dest-kind queue",
-                            "many-subs --conns 100 --dests 1000 --dest-kind queue"),
+    "queue subscriptions": ("many-subs --conns 100 --dests 1000 --dest-kind queue",
+                            "many-subs --conns 100 --dests 10000 --dest-kind queue"),
     "queues": ("many-queues --queues 100000 --window 100 --drain",
                "many-queues --queues 1000000 --window 100 --drain"),
     "connections": ("connections --conns 200 --interval-ms 1000 --duration 10 "
                     "--connect-parallel 50",
-                    "connections --conns 1000 --interval-ms 1000 --duration 20 "
+                    "connections --conns 10000 --interval-ms 1000 --duration 20 "
                     "--connect-parallel 50"),
 }
 
