@@ -166,6 +166,11 @@ def test_a_send_that_got_an_error_is_never_delivered(cluster, start_broker):
     assert consumer.expect("MESSAGE").body == b"after"    # not "during": it was never stored
 
 
+def count_msgs(client, queue):
+    receipt = client.request("SEND", {"destination": "/control/count-msgs/queue/" + queue})
+    return int(receipt.headers["num-messages"])
+
+
 def test_a_message_acked_during_an_outage_is_receipted(cluster, start_broker):
     """A SEND's RECEIPT goes once the message is durable or once a consumer has ACKed it,
     whichever comes first: a consumed message cannot be lost, so its sender does not wait
@@ -175,6 +180,9 @@ def test_a_message_acked_during_an_outage_is_receipted(cluster, start_broker):
     consumer.connect("1.2")
     consumer.request("SUBSCRIBE", {"destination": "/queue/jobs", "id": "w",
                                    "ack": "client-individual"})
+    # A read of the store, answered after the new subscription's probe: the broker knows the
+    # queue is empty before the database goes away.
+    assert count_msgs(consumer, "jobs") == 0
     producer = RawClient(broker.address, timeout=30)
     producer.connect("1.2")
     cluster.stop("fast")
@@ -186,8 +194,7 @@ def test_a_message_acked_during_an_outage_is_receipted(cluster, start_broker):
     cluster.start()
     # The ACK's own RECEIPT says the deletion is durable: nothing is left, nothing comes back.
     assert consumer.expect("RECEIPT", timeout=30).headers["receipt-id"] == "acked"
-    count = consumer.request("SEND", {"destination": "/control/count-msgs/queue/jobs"})
-    assert count.headers["num-messages"] == "0"
+    assert count_msgs(consumer, "jobs") == 0
     consumer.request("UNSUBSCRIBE", {"id": "w"})
     consumer.request("SUBSCRIBE", {"destination": "/queue/jobs", "id": "again"})
     producer.request("SEND", {"destination": "/queue/jobs"}, b"next")
