@@ -337,8 +337,8 @@ class Storage:
                 if self._closing:
                     return
                 continue
-            # In a call of its own, so that nothing of the batch (say 100,000 loads of new
-            # subscriptions, with their results) stays referenced while the loop waits.
+            # In a call of its own, so that nothing of the batch (say the probes of 100,000
+            # new subscriptions, with their answer) stays referenced while the loop waits.
             self._commit()
             if self._pending or self._closing:
                 self._wake.set()
