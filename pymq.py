@@ -939,7 +939,7 @@ class Broker:
                 # backlog, a new subscriber dispatch again), not to hold it in memory meanwhile.
                 return
             queue.refilling = self.storage.load_async(queue.name, queue.cursor, REFILL_BATCH,
-                                                      self._loaded)
+                                                      self._refilled)
 
     @staticmethod
     def _in_order(queue, key):
@@ -1049,22 +1049,17 @@ class Broker:
             else:
                 self._dispatch(self._queue(name))       # a Queue, to load what is stored
 
-    def _loaded(self, load, messages):
-        """The storage answered a refill (messages is None if it failed)."""
+    def _refilled(self, load, messages):
+        """The storage answered a refill (messages is None if it failed); ignored unless it
+        is the one the queue, still active, waits for."""
         queue = self.queues.get(load.queue)
-        if queue.__class__ is Queue and queue.refilling is load:
-            self._refilled(queue, messages)
-
-    def _refilled(self, queue, messages):
-        """The storage answered a refill (messages is None if it failed)."""
+        if queue.__class__ is not Queue or queue.refilling is not load:
+            return
+        queue.refilling = False
+        acked, queue.acked_while_refilling = queue.acked_while_refilling, None
         if messages is None:
             log.error("queue %s: cannot load messages; trying again in %g s",
                       queue.name, REFILL_RETRY)
-        queue.refilling = False
-        acked, queue.acked_while_refilling = queue.acked_while_refilling, None
-        if self.queues.get(queue.name) is not queue:
-            return
-        if messages is None:
             gevent.spawn_later(REFILL_RETRY, self._redispatch, queue)
             return
         budget = REFILL_BYTES
