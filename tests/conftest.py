@@ -220,6 +220,13 @@ class RawClient:
 _receipts = iter(range(1, 10**9))
 
 
+def count_msgs(client, queue):
+    """num-messages of /queue/`queue`, asked on `client` (a RawClient whose MESSAGEs must not
+    interleave): the store answers after every write asked for before."""
+    receipt = client.request("SEND", {"destination": "/control/count-msgs/queue/" + queue})
+    return int(receipt.headers["num-messages"])
+
+
 @pytest.fixture
 def raw(broker):
     """raw() -> a RawClient on the test's broker (connected with raw(connect=True))."""

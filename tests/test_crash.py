@@ -42,7 +42,7 @@ import pymq
 # The tests that take a fresh store (new_store) run on each backend; the others use SQLite's
 # own locking to stop a commit half-way.
 STORE_BACKENDS = ("sqlite", "postgresql")
-from conftest import ROOT, BrokerProcess, RawClient
+from conftest import ROOT, BrokerProcess, RawClient, count_msgs
 
 WAIT = 10.0     # the longest any single expected event may take (a broker start, a frame)
 
@@ -52,20 +52,9 @@ WAIT = 10.0     # the longest any single expected event may take (a broker start
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def brokers():
-    """brokers(db) -> a BrokerProcess on that store; killed after the test if running."""
-    started = []
-
-    def start(db, *args):
-        process = BrokerProcess("--db", str(db), *args)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.proc.poll() is None:
-            process.proc.kill()
-        process.proc.wait()
+def brokers(broker_process):
+    """brokers(db, *args) -> a BrokerProcess on that store; killed after the test if running."""
+    return lambda db, *args: broker_process("--db", str(db), *args)
 
 
 def kill9(broker):
@@ -77,12 +66,6 @@ def client(address):
     c = RawClient(address, timeout=WAIT)
     c.connect("1.2")
     return c
-
-
-def count_msgs(c, queue):
-    """num-messages of /queue/`queue`, asked on connection `c` (MESSAGEs must not interleave)."""
-    frame = c.request("SEND", {"destination": "/control/count-msgs/queue/" + queue})
-    return int(frame.headers["num-messages"])
 
 
 def stored_rows(db):

@@ -12,7 +12,7 @@ import urllib.parse
 import pytest
 
 import postgres
-from conftest import RawClient, TIMEOUT
+from conftest import RawClient, TIMEOUT, count_msgs
 
 
 @pytest.fixture
@@ -164,11 +164,6 @@ def test_a_send_that_got_an_error_is_never_delivered(cluster, start_broker):
     producer.request("SEND", {"destination": "/queue/jobs"}, b"after")
     consumer.send("ACK", {"id": held.headers["ack"]})
     assert consumer.expect("MESSAGE").body == b"after"    # not "during": it was never stored
-
-
-def count_msgs(client, queue):
-    receipt = client.request("SEND", {"destination": "/control/count-msgs/queue/" + queue})
-    return int(receipt.headers["num-messages"])
 
 
 def test_a_message_acked_during_an_outage_is_receipted(cluster, start_broker):

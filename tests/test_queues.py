@@ -16,6 +16,7 @@ import time
 import pytest
 
 import pymq
+from conftest import count_msgs
 
 STORE_BACKENDS = ("sqlite", "postgresql")
 
@@ -85,11 +86,6 @@ def nack(client, message, receipt=False, **extra):
 def assert_nothing_more(client):
     """No MESSAGE is queued for `client`: a marker's RECEIPT is the next frame."""
     client.request("SEND", {"destination": "/control/count-subscribers/topic/marker"})
-
-
-def count_msgs(client, queue):
-    receipt = client.request("SEND", {"destination": "/control/count-msgs/queue/" + queue})
-    return int(receipt.headers["num-messages"])
 
 
 def count_subscribers(client, queue):
