@@ -11,16 +11,16 @@ bounded by stompbench's --timeout; the brokers and the PostgreSQL server are sto
 
 import argparse
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from topic_fanout import BenchError, launch_broker     # bench/ is on sys.path when run
 
 SCENARIOS = [
     "queue-receipt --producers 4 --consumers 4 --queues 4 --msgs 25000 --window 1 --prefetch 100",
@@ -31,19 +31,11 @@ SCENARIOS = [
 
 
 def start_broker(db, workdir):
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pymq.py"), "--port", "0",
-                             "--heart-beat", "0,0", "--db", db], cwd=workdir,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    for line in proc.stderr:
-        match = re.search(r"listening on \S+:(\d+)", line)
-        if match:
-            return proc, int(match.group(1))
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise SystemExit("broker did not start on %s" % db)
+    try:
+        return launch_broker([sys.executable, os.path.join(ROOT, "pymq.py"), "--port", "0",
+                              "--heart-beat", "0,0", "--db", db], cwd=workdir)
+    except BenchError as error:
+        raise SystemExit(str(error))
 
 
 def run(stompbench, port, scenario):

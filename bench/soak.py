@@ -42,19 +42,18 @@ import argparse
 import collections
 import os
 import random
-import re
 import select
 import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-from topic_fanout import BenchError, find_listener_pid, frame   # bench/ is on sys.path
+from topic_fanout import (BenchError, find_listener_pid, frame,   # bench/ is on sys.path
+                          launch_broker, stop_broker)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PYMQ = os.path.join(os.path.dirname(HERE), "pymq.py")
@@ -411,7 +410,7 @@ class TopicPublisher(Worker):
         self.index, self.rate = index, rate
 
     def work(self):
-        args, tracker = self.args, self.tracker
+        args = self.args
         conn = self.connect()
         self.ready.set()
         pacer = Pacer(self.rate)
@@ -629,40 +628,9 @@ class Heart(threading.Thread):
 
 def start_broker(args, workdir):
     db = args.db or "sqlite:///" + os.path.join(workdir, "soak.db")
-    cmd = [sys.executable, os.path.abspath(args.pymq), "--host", args.host, "--port", "0",
-           "--db", db] + args.broker_arg
-    proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    found = threading.Event()
-    port, early = [], []
-
-    def drain():                       # find the port, then keep the pipe from filling up
-        for line in proc.stderr:
-            match = re.search(r"listening on \S+:(\d+)", line)
-            if match and not port:
-                port.append(int(match.group(1)))
-                found.set()
-            elif not port:
-                early.append(line)
-            elif "WARNING" in line or "ERROR" in line or "Traceback" in line:
-                sys.stderr.write("broker: " + line)
-        found.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    if not found.wait(30) or not port:
-        stop_broker(proc)
-        raise BenchError("broker did not start: %s\n%s" % (" ".join(cmd), "".join(early[-10:])))
-    return proc, port[0], db
-
-
-def stop_broker(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)         # pymq stops cleanly on SIGINT
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    proc, port = launch_broker([sys.executable, os.path.abspath(args.pymq), "--host", args.host,
+                                "--port", "0", "--db", db] + args.broker_arg, cwd=workdir)
+    return proc, port, db
 
 
 def broker_sample(pid):

@@ -245,13 +245,19 @@ def publish(args, deadline):
 # -- the broker process ---------------------------------------------------------------------
 
 def start_broker(args):
-    cmd = [sys.executable, args.pymq, "--host", args.host, "--port", "0", "--heart-beat", "0,0"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    return launch_broker([sys.executable, args.pymq, "--host", args.host, "--port", "0",
+                          "--heart-beat", "0,0"])
+
+
+def launch_broker(cmd, cwd=None):
+    """Start a pymq command line (with --port 0); returns (process, port). Its log is read
+    for the port, then drained so that the pipe never fills, warnings and errors echoed."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     found = threading.Event()
     port, early = [], []
 
-    def drain():                       # find the port, then keep the pipe from filling up
+    def drain():
         for line in proc.stderr:
             match = re.search(r"listening on \S+:(\d+)", line)
             if match and not port:
@@ -259,7 +265,7 @@ def start_broker(args):
                 found.set()
             elif not port:
                 early.append(line)
-            elif "WARNING" in line or "ERROR" in line:
+            elif "WARNING" in line or "ERROR" in line or "Traceback" in line:
                 sys.stderr.write("broker: " + line)
         found.set()
 
