@@ -29,7 +29,8 @@ import threading
 import time
 
 from queue_backends import start_broker
-from topic_fanout import BenchError, find_listener_pid, frame, stomp_connect, wait_receipt
+from broker_process import find_listener_pid
+from rawstomp import BenchError, frame, stomp_connect, wait_receipt
 
 HOST = "127.0.0.1"
 TOPIC = "/topic/probe.topic.with.a.longish.name"

@@ -18,7 +18,8 @@ import tempfile
 import time
 
 from queue_backends import start_broker
-from topic_fanout import BenchError, find_listener_pid, frame, stomp_connect, wait_receipt
+from broker_process import find_listener_pid
+from rawstomp import BenchError, frame, stomp_connect, wait_receipt
 
 QUEUE = "/queue/deep"
 CHUNK = 1000

@@ -20,7 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from topic_fanout import BenchError, launch_broker     # bench/ is on sys.path when run
+from broker_process import launch_broker     # bench/ is on sys.path when run
+from rawstomp import BenchError
 
 SCENARIOS = [
     "queue-receipt --producers 4 --consumers 4 --queues 4 --msgs 25000 --window 1 --prefetch 100",

@@ -52,8 +52,8 @@ import tempfile
 import threading
 import time
 
-from topic_fanout import (BenchError, find_listener_pid, frame,   # bench/ is on sys.path
-                          launch_broker, stop_broker)
+from broker_process import find_listener_pid, launch_broker, stop_broker  # bench/ on sys.path
+from rawstomp import BenchError, frame
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PYMQ = os.path.join(os.path.dirname(HERE), "pymq.py")

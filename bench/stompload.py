@@ -57,7 +57,7 @@ import socket
 import sys
 import time
 
-from topic_fanout import find_listener_pid     # bench/ is on sys.path when run
+from broker_process import find_listener_pid     # bench/ is on sys.path when run
 
 RECV_SIZE = 1 << 18
 # One receive buffer per process (each process has one thread): recv() would allocate, and

@@ -21,99 +21,17 @@ there. Exit status: 0 when every subscriber got every message exactly once and i
 
 import argparse
 import os
-import re
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 
+from broker_process import broker_stats, find_listener_pid, launch_broker, stop_broker
+from rawstomp import BenchError, frame, stomp_connect, wait_receipt
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PYMQ = os.path.join(os.path.dirname(HERE), "pymq.py")
 DESTINATION = "/topic/bench"
-RECV_SIZE = 256 * 1024
-
-
-class BenchError(Exception):
-    pass
-
-
-# -- raw STOMP ------------------------------------------------------------------------------
-
-def frame(command, headers, body=b""):
-    lines = [command] + ["%s:%s" % kv for kv in headers]
-    if body:
-        lines.append("content-length:%d" % len(body))
-    return ("\n".join(lines) + "\n\n").encode() + body + b"\0"
-
-
-class FrameReader:
-    """Reads frames from a socket: next() -> (command, headers, body)."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = b""
-        self.pos = 0
-
-    def _fill(self):
-        data = self.sock.recv(RECV_SIZE)
-        if not data:
-            raise BenchError("broker closed the connection")
-        self.buf = self.buf[self.pos:] + data
-        self.pos = 0
-
-    def next(self):
-        while True:
-            buf, pos = self.buf, self.pos
-            n = len(buf)
-            while pos < n and buf[pos] in (10, 13):          # heart-beats / frame trailers
-                pos += 1
-            self.pos = pos
-            head_end = buf.find(b"\n\n", pos)
-            if head_end < 0:
-                self._fill()
-                continue
-            lines = buf[pos:head_end].decode().split("\n")
-            headers = {}
-            for line in lines[1:]:
-                name, _, value = line.rstrip("\r").partition(":")
-                headers.setdefault(name, value)
-            start = head_end + 2
-            if "content-length" in headers:
-                end = start + int(headers["content-length"])
-                if len(buf) <= end:
-                    self._fill()
-                    continue
-            else:
-                end = buf.find(b"\0", start)
-                if end < 0:
-                    self._fill()
-                    continue
-            self.pos = end + 1
-            command = lines[0].rstrip("\r")
-            if command == "ERROR":
-                raise BenchError("ERROR from broker: %s %r"
-                                 % (headers.get("message"), buf[start:end][:200]))
-            return command, headers, buf[start:end]
-
-
-def stomp_connect(host, port, timeout):
-    sock = socket.create_connection((host, port), timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(frame("CONNECT", [("accept-version", "1.2"), ("host", "/"),
-                                   ("heart-beat", "0,0")]))
-    reader = FrameReader(sock)
-    command, headers, _ = reader.next()
-    if command != "CONNECTED" or headers.get("version") != "1.2":
-        raise BenchError("unexpected answer to CONNECT: %s %r" % (command, headers))
-    return sock, reader
-
-
-def wait_receipt(reader, receipt_id):
-    command, headers, _ = reader.next()
-    if command != "RECEIPT" or headers.get("receipt-id") != receipt_id:
-        raise BenchError("expected RECEIPT %s, got %s %r" % (receipt_id, command, headers))
 
 
 # -- subscribers and publisher --------------------------------------------------------------
@@ -247,82 +165,6 @@ def publish(args, deadline):
 def start_broker(args):
     return launch_broker([sys.executable, args.pymq, "--host", args.host, "--port", "0",
                           "--heart-beat", "0,0"])
-
-
-def launch_broker(cmd, cwd=None):
-    """Start a pymq command line (with --port 0); returns (process, port). Its log is read
-    for the port, then drained so that the pipe never fills, warnings and errors echoed."""
-    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    found = threading.Event()
-    port, early = [], []
-
-    def drain():
-        for line in proc.stderr:
-            match = re.search(r"listening on \S+:(\d+)", line)
-            if match and not port:
-                port.append(int(match.group(1)))
-                found.set()
-            elif not port:
-                early.append(line)
-            elif "WARNING" in line or "ERROR" in line or "Traceback" in line:
-                sys.stderr.write("broker: " + line)
-        found.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    if not found.wait(30) or not port:
-        stop_broker(proc)
-        raise BenchError("broker did not start: %s\n%s" % (" ".join(cmd), "".join(early[-10:])))
-    return proc, port[0]
-
-
-def stop_broker(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)         # pymq stops cleanly on SIGINT
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def find_listener_pid(port):
-    """PID of the process listening on TCP `port` (from /proc), or None."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add("socket:[%s]" % fields[9])
-        except OSError:
-            pass
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fd_dir = "/proc/%s/fd" % pid
-            for fd in os.listdir(fd_dir):
-                if os.readlink(os.path.join(fd_dir, fd)) in inodes:
-                    return int(pid)
-        except OSError:
-            continue
-    return None
-
-
-def broker_stats(pid):
-    """(RSS in KiB, CPU seconds) of `pid`, or (None, None)."""
-    if pid is None:
-        return None, None
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return rss, cpu
-    except (OSError, StopIteration, ValueError):
-        return None, None
 
 
 def fmt_kib(kib):
