@@ -760,7 +760,7 @@ class Broker:
             queue = self.queues.get(target)
             count = 0 if queue is None else 1 if queue.__class__ is not Queue else len(queue.subs)
             return {"num-subscribers": str(count)}
-        return {"num-messages": str(self.storage.count(target))}
+        return {"num-messages": str(self.storage.count(target)[0])}
 
     # -- SUBSCRIBE / UNSUBSCRIBE ---------------------------------------------------------------
 

@@ -8,7 +8,7 @@ open_storage(url) picks the backend from the URL:
 """
 
 from .base import (DEFAULT_PRIORITY, Backend, Count, Load, Storage, StorageError,  # noqa: F401
-                   StoredMessage)
+                   StoredMessage, before, now_ms)
 
 
 def open_backend(url):

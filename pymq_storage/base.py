@@ -1,21 +1,37 @@
 """The storage contract, and group commit.
 
-A queue message lives in storage from the SEND until it is ACKed. The broker keeps in memory
-only which messages are in flight and a bounded buffer of ready ones per active queue; after a
-crash, everything still stored is delivered again (at-least-once).
+A queue message lives in storage from the SEND until it is ACKed (or purged, or dropped when it
+expires). The broker keeps in memory only which messages are in flight and a bounded buffer of
+ready ones per active queue; after a crash, everything still stored is delivered again
+(at-least-once).
 
-A backend (memory.py, sqlite.py, postgresql.py) implements `Backend`: three calls, each run by
-one greenlet at a time, in order:
+A stored message has, besides its queue, priority, seq, headers and body, three fields that
+make its life (beanstalkd's job record keeps the same):
 
-- ``open() -> int``: create or check the schema; return the next free sequence number, higher
-  than any this store ever handed out (message ids stay unique across restarts).
-- ``apply(inserts, deletes, reads, next_seq) -> results``: in ONE transaction, store `inserts`
-  (StoredMessage), delete the sequence numbers in `deletes` and, when `next_seq` is not None,
-  record that sequence numbers below it are taken (reserved: see Storage.new_message); make it
-  durable (commit and fsync) before returning; then answer `reads`
-  (Load, Count) against the new state, one result each, in order: ``answer(reads)`` does it
-  with the backend's ``read(read)`` and ``queues_holding(names)``. If it raises, none of the
-  writes happened.
+- ``due``: epoch milliseconds before which it is not delivered (a delay, or a retry back-off);
+  0 once it is ready. Only ready messages are loaded; ``Promote`` makes due ones ready.
+- ``expires``: epoch milliseconds after which it is never delivered; 0: never.
+- ``deliveries``: how many times it was delivered; written after the delivery, in a later
+  batch, so a MESSAGE never waits for it.
+
+and ``dead_letter``: it is in a dead-letter queue (never expires, never dead-lettered again).
+
+Delivery order is by `key`: higher priority first, then arrival (seq).
+
+A backend (memory.py, sqlite.py, postgresql.py) implements `Backend`; each call is made by one
+greenlet at a time, in order:
+
+- ``open() -> int``: create, check or upgrade the schema; return the next free sequence number,
+  higher than any this store ever handed out (message ids stay unique across restarts).
+- ``apply(batch) -> results``: in ONE transaction, carry out the batch's writes in this order:
+  its inserts (an insert with a de-duplication key is skipped when another message of its queue
+  holds that key, unexpired: its seq goes into ``batch.duplicates``), its updates (a message's
+  ``deliveries`` and ``due``), its operations (``batch.ops``: DeadLetter, Move, Purge, Promote,
+  ForgetKeys, in order; each gets its ``result``), its deletes, and, when ``batch.next_seq``
+  is not None, the record that sequence numbers below it are taken (see
+  Storage.new_message). Make it durable (commit and fsync) before returning; then answer
+  ``batch.reads`` (Load, Count, Holding, Expired) against the new state, one result each, in
+  order. If it raises, none of the writes happened. `Backend.answer()` dispatches the reads.
 - ``close()``.
 - ``is_transient(error) -> bool``: whether a failed apply() is worth retrying (the database
   went away). Storage then retries the same batch with back-off, for up to `retry_for`
@@ -29,6 +45,13 @@ never written, and a batch that cancellations emptied completes without a round 
 ride in the batch after its writes, so a read sees every write asked for before it (a count is
 exact; a load never misses a message sent before it was asked for, nor returns one ACKed before
 it was asked for).
+
+Messages can also appear in a queue's storage without the broker having put them there in
+memory: a de-duplicated SEND once its insert commits, a dead letter, a move, a delayed message
+falling due. After each batch Storage tells the broker, ``on_arrived({queue: key})``: in each
+queue, stored messages may now exist from that key on (None: anywhere); ``on_arrived(None)``
+means anything may have changed (a batch was retried through an outage and its effects may
+have been applied twice, the first time unseen).
 """
 
 import logging
@@ -51,21 +74,27 @@ class StorageError(Exception):
 
 
 class StoredMessage:
-    """A queue message as stored. `headers` are the user headers to forward, (name, value)
-    pairs. Delivery order is by `key`: higher priority first, then arrival (seq).
+    """A queue message as stored (see the module docstring for the fields). `headers` are the
+    user headers to forward, (name, value) pairs; `body` is None in an Expired read.
 
     `sender` is the broker's, not the store's: the connection that owes a RECEIPT for this
     SEND until the message is durable or ACKed, else None."""
 
-    __slots__ = ("seq", "queue", "priority", "ack_timeout", "headers", "body", "sender")
+    __slots__ = ("seq", "queue", "priority", "ack_timeout", "headers", "body", "due", "expires",
+                 "deliveries", "dead_letter", "sender")
 
-    def __init__(self, seq, queue, priority, ack_timeout, headers, body):
+    def __init__(self, seq, queue, priority, ack_timeout, headers, body, due=0, expires=0,
+                 deliveries=0, dead_letter=False):
         self.seq = seq
         self.queue = queue
         self.priority = priority
         self.ack_timeout = ack_timeout
         self.headers = headers
         self.body = body
+        self.due = due
+        self.expires = expires
+        self.deliveries = deliveries
+        self.dead_letter = dead_letter
         self.sender = None
 
     @property
@@ -77,13 +106,25 @@ class StoredMessage:
         """Roughly the bytes this message holds in memory."""
         return len(self.body) + sum(len(k) + len(v) for k, v in self.headers) + 100
 
+    def copy(self):
+        return StoredMessage(self.seq, self.queue, self.priority, self.ack_timeout,
+                             self.headers, self.body, self.due, self.expires, self.deliveries,
+                             self.dead_letter)
+
     def __repr__(self):
         return "StoredMessage(%d, %r, priority=%d)" % (self.seq, self.queue, self.priority)
 
 
+def before(key):
+    """The cursor just before `key`: a Load after it starts with the message at `key`."""
+    return (key[0], key[1] - 1)
+
+
+# -- reads ------------------------------------------------------------------------------------
+
 class Load:
-    """Read: up to `limit` messages of `queue` whose key is after `after` (None: from the
-    start), in delivery order. `callback`: see Storage.load_async()."""
+    """Read: up to `limit` ready messages (due 0) of `queue` whose key is after `after` (None:
+    from the start), in delivery order. `callback`: see Storage.load_async()."""
 
     __slots__ = ("queue", "after", "limit", "callback")
 
@@ -95,17 +136,19 @@ class Load:
 
 
 class Count:
-    """Read: how many messages of `queue` are stored."""
+    """Read: (messages, delayed) of `queue`: stored messages, and those of them not yet due at
+    `now` (epoch ms), neither counting an expired one."""
 
-    __slots__ = ("queue",)
+    __slots__ = ("queue", "now")
     callback = None
 
-    def __init__(self, queue):
+    def __init__(self, queue, now):
         self.queue = queue
+        self.now = now
 
 
 class Holding:
-    """Read: which of the queue names `names` have stored messages (a set). See
+    """Read: which of the queue names `names` have ready messages (a set). See
     Storage.probe_async()."""
 
     __slots__ = ("names",)
@@ -113,6 +156,113 @@ class Holding:
 
     def __init__(self, names):
         self.names = names
+
+
+class Expired:
+    """Read: up to `limit` messages that expired at `now` (0 < expires <= now), in (expires,
+    seq) order after `after` (None: from the first), without their bodies."""
+
+    __slots__ = ("now", "after", "limit", "callback")
+
+    def __init__(self, now, after, limit, callback):
+        self.now = now
+        self.after = after
+        self.limit = limit
+        self.callback = callback
+
+
+# -- operations: writes that find what they change, each with a result -------------------------
+
+class DeadLetter:
+    """Move message `seq` from queue `source` to `target`, with `headers`, as a dead letter: no
+    due time, no expiry, no deliveries. Result: whether it was still in `source`."""
+
+    __slots__ = ("seq", "priority", "source", "target", "headers", "result")
+
+    callback = None
+
+    def __init__(self, seq, priority, source, target, headers):
+        self.seq = seq
+        self.priority = priority
+        self.source = source
+        self.target = target
+        self.headers = headers
+        self.result = None
+
+    def apply(self, backend):
+        return backend.dead_letter(self)
+
+
+class Move:
+    """Move up to `limit` (None: all) messages of `source` with seq below `below` and not in
+    `keep` to `target`, oldest first, fresh: no due time, no expiry, no deliveries, not a dead
+    letter. Result: how many."""
+
+    __slots__ = ("source", "target", "limit", "keep", "below", "result")
+
+    callback = None
+
+    def __init__(self, source, target, limit, keep, below):
+        self.source = source
+        self.target = target
+        self.limit = limit
+        self.keep = keep
+        self.below = below
+        self.result = None
+
+    def apply(self, backend):
+        return backend.move(self)
+
+
+class Purge:
+    """Delete the messages of `queue` with seq below `below` and not in `keep`. Result: how
+    many."""
+
+    __slots__ = ("queue", "keep", "below", "result")
+
+    callback = None
+
+    def __init__(self, queue, keep, below):
+        self.queue = queue
+        self.keep = keep
+        self.below = below
+        self.result = None
+
+    def apply(self, backend):
+        return backend.purge(self)
+
+
+class Promote:
+    """Make ready (due 0) up to `limit` messages that are due at `now`, earliest first.
+    Result: ({queue: smallest key promoted}, how many, the earliest due time left or None).
+    `callback(op)` once applied (op.result None if the batch failed)."""
+
+    __slots__ = ("now", "limit", "callback", "result")
+
+    def __init__(self, now, limit, callback=None):
+        self.now = now
+        self.limit = limit
+        self.callback = callback
+        self.result = None
+
+    def apply(self, backend):
+        return backend.promote(self)
+
+
+class ForgetKeys:
+    """Delete up to `limit` de-duplication keys whose window ended at `now`. Result: how
+    many. `callback(op)` once applied."""
+
+    __slots__ = ("now", "limit", "callback", "result")
+
+    def __init__(self, now, limit, callback=None):
+        self.now = now
+        self.limit = limit
+        self.callback = callback
+        self.result = None
+
+    def apply(self, backend):
+        return backend.forget_keys(self)
 
 
 class Backend:
@@ -125,7 +275,7 @@ class Backend:
     def open(self):
         raise NotImplementedError
 
-    def apply(self, inserts, deletes, reads, next_seq):
+    def apply(self, batch):
         raise NotImplementedError
 
     def close(self):
@@ -134,33 +284,53 @@ class Backend:
     def is_transient(self, error):
         return False
 
+    def write(self, batch):
+        """The batch's writes, in the contract's order, inside the backend's transaction."""
+        batch.duplicates = self.insert(list(batch.inserts.values()), batch.dedup)
+        if batch.updates:
+            self.update(list(batch.updates.values()))
+        for op in batch.ops:
+            op.result = op.apply(self)
+        if batch.deletes:
+            self.delete(batch.deletes)
+        if batch.next_seq is not None:
+            self.reserve(batch.next_seq)
+
     def answer(self, reads):
-        """The results of `reads`, in order, for apply()."""
+        """The results of `reads`, in order."""
         return [self.queues_holding(read.names) if read.__class__ is Holding
-                else self.read(read) for read in reads]
+                else self.expired(read) if read.__class__ is Expired
+                else self.count(read) if read.__class__ is Count
+                else self.load(read) for read in reads]
 
-    def read(self, read):
-        """The result of one Load or Count."""
-        raise NotImplementedError
-
-    def queues_holding(self, names):
-        """The set of those of the queue names `names` that have stored messages."""
-        raise NotImplementedError
+    # The primitives of write() and answer(), each inside apply()'s transaction:
+    # insert(messages, dedup) -> seqs skipped as duplicates (dedup: seq -> (key, sent, until):
+    #     the key is taken unless another message took it and `until` of that one is after
+    #     `sent`); update(messages) writes each one's deliveries and due; dead_letter(op),
+    #     move(op), purge(op), promote(op), forget_keys(op) -> op's result; delete(seqs);
+    #     reserve(next_seq); load(read), count(read), queues_holding(names), expired(read).
 
 
 class Batch:
     """Writes and reads that will be applied in one transaction."""
 
-    __slots__ = ("inserts", "deletes", "reads", "probes", "next_seq", "results", "bytes",
-                 "done", "error", "used")
+    __slots__ = ("inserts", "dedup", "updates", "ops", "deletes", "reads", "probes", "next_seq",
+                 "results", "duplicates", "arrivals", "retried", "bytes", "done", "error",
+                 "used")
 
     def __init__(self):
         self.inserts = {}           # seq -> StoredMessage
+        self.dedup = {}             # seq -> (key, sent, until) of inserts that have a key
+        self.updates = {}           # seq -> StoredMessage whose deliveries and due to write
+        self.ops = []
         self.deletes = []
         self.reads = []
         self.probes = None      # queue names of probe_async(), once there are any
         self.next_seq = None    # a reservation of sequence numbers to record
         self.results = None
+        self.duplicates = ()    # seqs of inserts skipped as duplicates
+        self.arrivals = None    # see Storage.on_arrived
+        self.retried = False    # applied more than once (through an outage)
         self.bytes = 0
         self.done = gevent.event.Event()
         self.error = None
@@ -168,6 +338,10 @@ class Batch:
 
     def __bool__(self):
         return self.used
+
+    def has_writes(self):
+        return bool(self.inserts or self.updates or self.ops or self.deletes
+                    or self.next_seq is not None)
 
     def wait(self):
         """Block the calling greenlet until the batch is durable; raise StorageError if not."""
@@ -183,6 +357,18 @@ def _capture(function, *args):
         return False, error
 
 
+def _arrive(arrivals, queue, key):
+    """Note that stored messages of `queue` may exist from `key` on (None: anywhere)."""
+    if queue in arrivals:
+        known = arrivals[queue]
+        if known is None or key is None:
+            arrivals[queue] = None
+        elif key < known:
+            arrivals[queue] = key
+    else:
+        arrivals[queue] = key
+
+
 class Storage:
     """Group commit over a Backend. All methods are called from greenlets of one hub."""
 
@@ -190,7 +376,7 @@ class Storage:
         self.backend = backend
         self.retry_for = retry_for  # seconds a batch is retried through an outage
         self.pending_bytes = 0      # bytes of inserts not yet committed: the async budget
-        self.stats = {"batches": 0, "inserts": 0, "deletes": 0, "cancelled": 0}
+        self.stats = {"batches": 0, "inserts": 0, "deletes": 0, "cancelled": 0, "updates": 0}
         self._next_seq = None
         self._reserved = None       # sequence numbers below this are durably reserved
         self._pending = Batch()
@@ -205,6 +391,8 @@ class Storage:
         self.on_insert_failed = None
         # Called as on_probed(batch, held) once a batch with probes (probe_async) is applied.
         self.on_probed = None
+        # Called as on_arrived(arrivals) after a batch (see the module docstring).
+        self.on_arrived = None
 
     def open(self):
         if self.backend.blocking:
@@ -213,7 +401,9 @@ class Storage:
         try:
             self._next_seq = self._call(self.backend.open)
             self._reserved = self._next_seq + SEQ_RESERVATION
-            self._call(self.backend.apply, [], [], [], self._reserved)
+            batch = Batch()
+            batch.next_seq = self._reserved
+            self._call(self.backend.apply, batch)
         except BaseException:
             self._call(self.backend.close)
             if self._pool is not None:
@@ -232,34 +422,46 @@ class Storage:
             raise result
         return result
 
-    def new_message(self, queue, priority, ack_timeout, headers, body):
+    def new_message(self, queue, priority, ack_timeout, headers, body, due=0, expires=0):
         """A message with the next sequence number; may wait for a durable reservation."""
         while self._next_seq >= self._reserved:
             self._reserve()
         seq = self._next_seq
         self._next_seq += 1
-        return StoredMessage(seq, queue, priority, ack_timeout, headers, body)
+        return StoredMessage(seq, queue, priority, ack_timeout, headers, body, due, expires)
+
+    @property
+    def next_seq(self):
+        """Every message created so far has a smaller sequence number."""
+        return self._next_seq
 
     def _reserve(self):
-        batch = self._pending
-        batch.used = True
+        batch = self._use()
         target = self._next_seq + SEQ_RESERVATION
         batch.next_seq = max(batch.next_seq or 0, target)
-        self._wake.set()
         batch.wait()
         self._reserved = max(self._reserved, target)
 
-    # -- writes --------------------------------------------------------------------------------
-
-    def save(self, message):
-        """Queue the message for the next batch; returns the Batch to wait on for durability."""
+    def _use(self):
+        """The pending batch, marked as holding work for the committer."""
         batch = self._pending
         batch.used = True
+        self._wake.set()
+        return batch
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def save(self, message, dedup=None):
+        """Queue the message for the next batch; returns the Batch to wait on for durability.
+        dedup: (key, sent, until), epoch ms: store it only if no other message of its queue
+        holds `key` with a window that is still open at `sent`; `until` ends its own."""
+        batch = self._use()
         batch.inserts[message.seq] = message
+        if dedup is not None:
+            batch.dedup[message.seq] = dedup
         size = message.size
         batch.bytes += size
         self.pending_bytes += size
-        self._wake.set()
         return batch
 
     def delete(self, seq):
@@ -267,6 +469,8 @@ class Storage:
         be durable, or None if it cancelled the message's pending insert (nothing to wait
         for: the message is never written)."""
         batch = self._pending
+        batch.updates.pop(seq, None)
+        batch.dedup.pop(seq, None)
         message = batch.inserts.pop(seq, None)
         if message is not None:
             size = message.size
@@ -274,57 +478,97 @@ class Storage:
             self.pending_bytes -= size
             self.stats["cancelled"] += 1
             return None
-        batch.used = True
+        batch = self._use()
         batch.deletes.append(seq)
-        self._wake.set()
         return batch
+
+    def update(self, message):
+        """Write the message's deliveries and due time in the next batch; nobody waits for it.
+        A pending insert of the message carries them already."""
+        batch = self._pending
+        if message.seq not in batch.inserts:
+            self._use().updates[message.seq] = message
+
+    def dead_letter(self, message, target, headers):
+        """Move the message, if it is still in its queue, to queue `target` as a dead letter
+        with `headers` (one commit: it is in exactly one of the two). Nobody waits for it;
+        on_arrived tells the broker."""
+        self._use().ops.append(DeadLetter(message.seq, message.priority, message.queue, target,
+                                          headers))
 
     def wait_for_budget(self, budget):
         """Block the caller while uncommitted inserts hold more than `budget` bytes."""
         while self.pending_bytes > budget:
             self._committed.wait()
 
+    # -- operations the caller waits for -------------------------------------------------------
+
+    def _run(self, op):
+        batch = self._use()
+        batch.ops.append(op)
+        batch.wait()
+        return op.result
+
+    def purge(self, queue, keep, below):
+        """Delete queue's messages with seq below `below` that are not in `keep`; how many."""
+        return self._run(Purge(queue, keep, below))
+
+    def move(self, source, target, limit, keep, below):
+        """Move up to `limit` of source's messages (see Move) to target; how many."""
+        return self._run(Move(source, target, limit, keep, below))
+
+    # -- timed work (the broker's clock asks for it) -------------------------------------------
+
+    def promote_async(self, now, limit, callback):
+        """Make the messages that are due at `now` ready, up to `limit`: callback(op) once
+        applied (op.result is None if the batch failed); on_arrived tells the broker where."""
+        self._use().ops.append(Promote(now, limit, callback))
+
+    def forget_keys_async(self, now, limit, callback):
+        """Delete de-duplication keys whose window ended; callback(op) once applied."""
+        self._use().ops.append(ForgetKeys(now, limit, callback))
+
+    def expired_async(self, now, after, limit, callback):
+        """Find expired messages (see Expired): callback(read, messages or None)."""
+        read = Expired(now, after, limit, callback)
+        self._use().reads.append(read)
+        return read
+
     # -- reads ---------------------------------------------------------------------------------
 
     def _read(self, read):
-        batch = self._pending
-        batch.used = True
+        batch = self._use()
         index = len(batch.reads)
         batch.reads.append(read)
-        self._wake.set()
         batch.wait()
         return batch.results[index]
 
     def load(self, queue, after, limit):
         return self._read(Load(queue, after, limit))
 
-    def count(self, queue):
-        return self._read(Count(queue))
+    def count(self, queue, now=None):
+        """(messages, delayed) of `queue` at `now` (epoch ms; default: the present)."""
+        return self._read(Count(queue, now_ms() if now is None else now))
 
     def load_async(self, queue, after, limit, callback):
         """load() without blocking and without a greenlet: returns the Load; the committer
         calls callback(load, messages), or callback(load, None) if the batch failed, once
         the batch is applied. The callback must not block. (The Load tells the answers apart,
         so one bound method serves every queue: no closure per refill.)"""
-        batch = self._pending
-        batch.used = True
         load = Load(queue, after, limit, callback)
-        batch.reads.append(load)
-        self._wake.set()
+        self._use().reads.append(load)
         return load
 
     def probe_async(self, name):
-        """Ask whether queue `name` holds any message, without blocking and for the price of
-        a list slot: a million workers may subscribe at once, each to a queue of its own.
-        Returns the Batch the question rides in; once it is applied, the committer calls
+        """Ask whether queue `name` holds any ready message, without blocking and for the
+        price of a list slot: a million workers may subscribe at once, each to a queue of its
+        own. Returns the Batch the question rides in; once it is applied, the committer calls
         on_probed(batch, held): `held` is the set of the names of batch.probes that hold
         messages, or None if the batch failed."""
-        batch = self._pending
-        batch.used = True
+        batch = self._use()
         if batch.probes is None:
             batch.probes = []
         batch.probes.append(name)
-        self._wake.set()
         return batch
 
     # -- the committer -------------------------------------------------------------------------
@@ -350,7 +594,7 @@ class Storage:
         if batch.probes:
             batch.reads.append(Holding(batch.probes))      # after the reads asked for
         try:
-            if batch.inserts or batch.deletes or batch.reads or batch.next_seq is not None:
+            if batch.has_writes() or batch.reads:
                 batch.results = self._apply(batch)
             else:
                 batch.results = []      # cancellations emptied it: no round trip
@@ -366,32 +610,69 @@ class Storage:
                 self.on_insert_failed(list(batch.inserts.values()))
         else:
             self.stats["batches"] += 1
-            self.stats["inserts"] += len(batch.inserts)
+            self.stats["inserts"] += len(batch.inserts) - len(batch.duplicates)
             self.stats["deletes"] += len(batch.deletes)
+            self.stats["updates"] += len(batch.updates)
         self.pending_bytes -= batch.bytes
         self._current = None
+        arrivals = self._arrivals(batch)
         batch.done.set()
+        for op in batch.ops:
+            if op.callback is not None:
+                self._callback(op.callback, op)
         for index, read in enumerate(batch.reads):
             if read.callback is None:
                 continue
-            try:
-                read.callback(read, None if batch.error is not None else batch.results[index])
-            except Exception:
-                log.exception("storage callback failed")
+            self._callback(read.callback, read,
+                           None if batch.error is not None else batch.results[index])
         if batch.probes and self.on_probed is not None:
-            try:
-                self.on_probed(batch, None if batch.error is not None else batch.results[-1])
-            except Exception:
-                log.exception("storage callback failed")
+            self._callback(self.on_probed, batch,
+                           None if batch.error is not None else batch.results[-1])
+        if self.on_arrived is not None and (arrivals is None or arrivals):
+            # After the loads of the same batch, whose results the broker has taken by now.
+            self._callback(self.on_arrived, arrivals)
         committed, self._committed = self._committed, gevent.event.Event()
         committed.set()
 
+    @staticmethod
+    def _callback(function, *args):
+        try:
+            function(*args)
+        except Exception:
+            log.exception("storage callback failed")
+
+    def _arrivals(self, batch):
+        """Where stored messages may have appeared that the broker did not put there (see
+        on_arrived)."""
+        if batch.retried:
+            return None
+        arrivals = {}
+        if batch.error is not None:
+            # What the broker took out of memory expecting a write: it is still where it was.
+            for message in batch.updates.values():
+                _arrive(arrivals, message.queue, message.key)
+            for op in batch.ops:
+                if op.__class__ is DeadLetter:
+                    _arrive(arrivals, op.source, (-op.priority, op.seq))
+            return arrivals
+        for seq, _ in batch.dedup.items():
+            message = batch.inserts[seq]
+            if seq not in batch.duplicates and not message.due:
+                _arrive(arrivals, message.queue, message.key)
+        for op in batch.ops:
+            if op.__class__ is DeadLetter:
+                # Even if it had gone already: a retried batch may have moved it unseen.
+                _arrive(arrivals, op.target, (-op.priority, op.seq))
+            elif op.__class__ is Move and op.result:
+                _arrive(arrivals, op.target, None)
+            elif op.__class__ is Promote:
+                for queue, key in op.result[0].items():
+                    _arrive(arrivals, queue, key)
+        return arrivals
+
     def barrier(self):
         """A Batch that completes once everything asked for so far is durable."""
-        batch = self._pending
-        batch.used = True
-        self._wake.set()
-        return batch
+        return self._use()
 
     def _apply(self, batch):
         """Apply a batch; through an outage, retry it with back-off for up to retry_for
@@ -400,8 +681,7 @@ class Storage:
         delay = 0.05
         while True:
             try:
-                results = self._call(self.backend.apply, list(batch.inserts.values()),
-                                     batch.deletes, batch.reads, batch.next_seq)
+                results = self._call(self.backend.apply, batch)
             except Exception as error:
                 if not self.backend.is_transient(error):
                     raise
@@ -414,6 +694,7 @@ class Storage:
                     deadline = now + self.retry_for
                 if now + delay > deadline:
                     raise
+                batch.retried = True
                 gevent.sleep(delay)
                 delay = min(2 * delay, 2.0)
                 continue
@@ -441,3 +722,8 @@ class Storage:
         self._call(self.backend.close)
         if self._pool is not None:
             self._pool.kill()
+
+
+def now_ms():
+    """The wall clock in epoch milliseconds: what due times and expiries are written in."""
+    return time.time_ns() // 1000000

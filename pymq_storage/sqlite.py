@@ -3,31 +3,79 @@
 WAL journal and ``synchronous=FULL``: a commit is on disk when apply() returns, which is what
 a RECEIPT promises. sqlite3 blocks its OS thread, so Storage runs every call of this backend
 in one thread of its own (``blocking = True``) and the gevent hub never waits on the disk.
+
+The indexes are partial, so that a plain message (ready at once, never expiring) costs one
+index entry, and each finding is one index range: ready messages in delivery order
+(``messages_ready``), due ones by due time (``messages_due``), each queue's delayed ones
+(``messages_delayed``, for counting), expired ones (``messages_expiry``). A query uses a partial
+index only when its WHERE repeats the index's condition literally (``due = 0``, ``due > 0``).
 """
 
 import json
 import sqlite3
 
-from .base import Backend, Count, Load, StoredMessage
+from .base import Backend, StoredMessage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE messages (
     seq         INTEGER PRIMARY KEY,    -- arrival order, and the message id
     queue       TEXT NOT NULL,
     priority    INTEGER NOT NULL,
-    ack_timeout REAL NOT NULL,          -- seconds, 0: the broker's default
+    ack_timeout REAL NOT NULL,          -- seconds, 0: the broker default
     headers     TEXT NOT NULL,          -- JSON list of [name, value]
-    body        BLOB NOT NULL
+    body        BLOB NOT NULL,
+    due         INTEGER NOT NULL DEFAULT 0,     -- epoch ms it may be delivered from, 0: ready
+    expires     INTEGER NOT NULL DEFAULT 0,     -- epoch ms it expires at, 0: never
+    deliveries  INTEGER NOT NULL DEFAULT 0,     -- times delivered
+    dead_letter INTEGER NOT NULL DEFAULT 0      -- 1: in a dead-letter queue
 );
-CREATE INDEX messages_delivery ON messages (queue, priority DESC, seq);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO meta VALUES ('next_seq', 1);
 """
+# What version 1 lacks (the columns' defaults are what a version 1 message means).
+UPGRADE_FROM_1 = """
+ALTER TABLE messages ADD COLUMN due INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN expires INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN deliveries INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN dead_letter INTEGER NOT NULL DEFAULT 0;
+DROP INDEX messages_delivery;
+"""
+INDEXES = """
+CREATE INDEX messages_ready ON messages (queue, priority DESC, seq) WHERE due = 0;
+CREATE INDEX messages_due ON messages (due) WHERE due > 0;
+CREATE INDEX messages_delayed ON messages (queue, due) WHERE due > 0;
+CREATE INDEX messages_expiry ON messages (expires) WHERE expires > 0;
+CREATE TABLE dedup (
+    queue   TEXT NOT NULL,
+    key     TEXT NOT NULL,
+    seq     INTEGER NOT NULL,           -- the message that took the key
+    until   INTEGER NOT NULL,           -- epoch ms its window ends
+    PRIMARY KEY (queue, key)
+) WITHOUT ROWID;
+CREATE INDEX dedup_until ON dedup (until);
+"""
+COLUMNS = ("SELECT seq, queue, priority, ack_timeout, headers, body, due, expires, deliveries, "
+           "dead_letter FROM messages ")
+# Every message of a queue: the two partial indexes between them hold them all.
+OF_QUEUE = "((queue = :queue AND due = 0) OR (queue = :queue AND due > 0))"
 
 
 class SchemaError(Exception):
     pass
+
+
+def _script(db, script):
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _message(row):
+    seq, queue, priority, ack_timeout, headers, body, due, expires, deliveries, dead = row
+    return StoredMessage(seq, queue, priority, ack_timeout,
+                         [tuple(pair) for pair in json.loads(headers)], body, due, expires,
+                         deliveries, bool(dead))
 
 
 class SQLiteBackend(Backend):
@@ -40,18 +88,22 @@ class SQLiteBackend(Backend):
     def open(self):
         db = self.db = sqlite3.connect(self.path, isolation_level=None)
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
-            if db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
-                raise SchemaError("%s is not a pymq database" % self.path)
-            db.execute("BEGIN IMMEDIATE")
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
-            db.execute("COMMIT")
-        elif version != SCHEMA_VERSION:
-            raise SchemaError("%s has schema version %d; this pymq reads version %d"
+        if version == 0 and db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+            raise SchemaError("%s is not a pymq database" % self.path)
+        if version > SCHEMA_VERSION:
+            raise SchemaError("%s has schema version %d; this pymq reads version %d (or "
+                              "upgrades older ones): use a newer pymq"
                               % (self.path, version, SCHEMA_VERSION))
+        if version < SCHEMA_VERSION:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                _script(db, SCHEMA if version == 0 else UPGRADE_FROM_1)
+                _script(db, INDEXES)
+                db.execute("PRAGMA user_version=%d" % SCHEMA_VERSION)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
         # Only now that the file is known to be ours: the journal mode is stored in it.
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
@@ -59,28 +111,132 @@ class SQLiteBackend(Backend):
         highest = db.execute("SELECT MAX(seq) FROM messages").fetchone()[0] or 0
         return max(stored, highest + 1)
 
-    def apply(self, inserts, deletes, reads, next_seq):
+    def apply(self, batch):
         db = self.db
-        if inserts or deletes or next_seq is not None:
+        if batch.has_writes():
             db.execute("BEGIN IMMEDIATE")
             try:
-                if inserts:
-                    db.executemany(
-                        "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
-                        [(m.seq, m.queue, m.priority, m.ack_timeout, json.dumps(m.headers),
-                          m.body) for m in inserts])
-                if next_seq is not None:
-                    db.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'next_seq'",
-                               (next_seq,))
-                if deletes:
-                    db.executemany("DELETE FROM messages WHERE seq = ?",
-                                   [(seq,) for seq in deletes])
+                self.write(batch)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
-        return self.answer(reads)
+        return self.answer(batch.reads)
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def insert(self, messages, dedup):
+        duplicates = set()
+        if dedup:
+            for message in messages:
+                if message.seq in dedup and not self._take_key(message, *dedup[message.seq]):
+                    duplicates.add(message.seq)
+            messages = [m for m in messages if m.seq not in duplicates]
+        if messages:
+            self.db.executemany(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(m.seq, m.queue, m.priority, m.ack_timeout, json.dumps(m.headers), m.body,
+                  m.due, m.expires, m.deliveries, m.dead_letter) for m in messages])
+        return duplicates
+
+    def _take_key(self, message, key, sent, until):
+        """Whether the message takes `key` in its queue: nobody has it, or its window was
+        over when the message was sent."""
+        cursor = self.db.execute(
+            "INSERT INTO dedup VALUES (?, ?, ?, ?) ON CONFLICT (queue, key) DO UPDATE "
+            "SET seq = excluded.seq, until = excluded.until "
+            "WHERE dedup.until <= ? OR dedup.seq = excluded.seq",
+            (message.queue, key, message.seq, until, sent))
+        return cursor.rowcount == 1
+
+    def update(self, messages):
+        self.db.executemany("UPDATE messages SET deliveries = ?, due = ? WHERE seq = ?",
+                            [(m.deliveries, m.due, m.seq) for m in messages])
+
+    def dead_letter(self, op):
+        return self.db.execute(
+            "UPDATE messages SET queue = ?, headers = ?, due = 0, expires = 0, deliveries = 0, "
+            "dead_letter = 1 WHERE seq = ? AND queue = ?",
+            (op.target, json.dumps(op.headers), op.seq, op.source)).rowcount == 1
+
+    def _chosen(self, op_queue, keep, below, limit):
+        """The subquery of the seqs a Move or Purge takes, and its parameters."""
+        return ("SELECT seq FROM messages WHERE %s AND seq < :below AND seq NOT IN "
+                "(SELECT value FROM json_each(:keep)) ORDER BY seq LIMIT :limit" % OF_QUEUE,
+                {"queue": op_queue, "below": below, "keep": json.dumps(sorted(keep)),
+                 "limit": -1 if limit is None else limit})
+
+    def move(self, op):
+        chosen, params = self._chosen(op.source, op.keep, op.below, op.limit)
+        params["target"] = op.target
+        return self.db.execute(
+            "UPDATE messages SET queue = :target, due = 0, expires = 0, deliveries = 0, "
+            "dead_letter = 0 WHERE seq IN (%s)" % chosen, params).rowcount
+
+    def purge(self, op):
+        chosen, params = self._chosen(op.queue, op.keep, op.below, None)
+        return self.db.execute("DELETE FROM messages WHERE seq IN (%s)" % chosen,
+                               params).rowcount
+
+    def promote(self, op):
+        rows = self.db.execute(
+            "UPDATE messages SET due = 0 WHERE seq IN (SELECT seq FROM messages WHERE due > 0 "
+            "AND due <= ? ORDER BY due LIMIT ?) RETURNING queue, priority, seq",
+            (op.now, op.limit)).fetchall()
+        arrivals = {}
+        for queue, priority, seq in rows:
+            key = (-priority, seq)
+            if queue not in arrivals or key < arrivals[queue]:
+                arrivals[queue] = key
+        left = self.db.execute("SELECT MIN(due) FROM messages WHERE due > 0").fetchone()[0]
+        return arrivals, len(rows), left
+
+    def forget_keys(self, op):
+        return self.db.execute(
+            "DELETE FROM dedup WHERE (queue, key) IN (SELECT queue, key FROM dedup "
+            "WHERE until <= ? LIMIT ?)", (op.now, op.limit)).rowcount
+
+    def delete(self, seqs):
+        self.db.executemany("DELETE FROM messages WHERE seq = ?", [(seq,) for seq in seqs])
+
+    def reserve(self, next_seq):
+        self.db.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'next_seq'",
+                        (next_seq,))
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def load(self, read):
+        if read.after is None:
+            rows = self.db.execute(COLUMNS + "WHERE queue = ? AND due = 0 "
+                                   "ORDER BY priority DESC, seq LIMIT ?",
+                                   (read.queue, read.limit)).fetchall()
+        else:
+            # Two index range scans rather than one OR: the rest of the current priority,
+            # then the lower priorities.
+            priority, seq = -read.after[0], read.after[1]
+            rows = self.db.execute(COLUMNS + "WHERE queue = ? AND due = 0 AND priority = ? "
+                                   "AND seq > ? ORDER BY seq LIMIT ?",
+                                   (read.queue, priority, seq, read.limit)).fetchall()
+            if len(rows) < read.limit:
+                rows += self.db.execute(COLUMNS + "WHERE queue = ? AND due = 0 AND priority < ? "
+                                        "ORDER BY priority DESC, seq LIMIT ?",
+                                        (read.queue, priority, read.limit - len(rows))
+                                        ).fetchall()
+        return [_message(row) for row in rows]
+
+    def count(self, read):
+        db, queue, now = self.db, read.queue, read.now
+        ready = db.execute("SELECT COUNT(*) FROM messages WHERE queue = ? AND due = 0",
+                           (queue,)).fetchone()[0]
+        delayed, waiting = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(due > ?), 0) FROM messages "
+            "WHERE queue = ? AND due > 0", (now, queue)).fetchone()
+        # Expired ones are few: the sweep moves them out within seconds.
+        expired, expired_waiting = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(due > ?), 0) FROM messages "
+            "WHERE expires > 0 AND expires <= ? AND queue = ?", (now, now, queue)).fetchone()
+        return ready + delayed - expired, waiting - expired_waiting
 
     def queues_holding(self, names):
         names = list(names)
@@ -89,34 +245,18 @@ class SQLiteBackend(Backend):
             chunk = names[start:start + 500]
             held.update(row[0] for row in self.db.execute(
                 "WITH names(queue) AS (VALUES %s) SELECT queue FROM names WHERE EXISTS "
-                "(SELECT 1 FROM messages WHERE messages.queue = names.queue)"
+                "(SELECT 1 FROM messages WHERE messages.queue = names.queue AND due = 0)"
                 % ",".join(["(?)"] * len(chunk)), chunk))
         return held
 
-    def read(self, read):
-        if isinstance(read, Count):
-            return self.db.execute("SELECT COUNT(*) FROM messages WHERE queue = ?",
-                                   (read.queue,)).fetchone()[0]
-        assert isinstance(read, Load)
-        columns = "SELECT seq, queue, priority, ack_timeout, headers, body FROM messages "
-        if read.after is None:
-            rows = self.db.execute(columns + "WHERE queue = ? ORDER BY priority DESC, seq "
-                                   "LIMIT ?", (read.queue, read.limit)).fetchall()
-        else:
-            # Two index range scans rather than one OR: the rest of the current priority,
-            # then the lower priorities.
-            priority, seq = -read.after[0], read.after[1]
-            rows = self.db.execute(columns + "WHERE queue = ? AND priority = ? AND seq > ? "
-                                   "ORDER BY seq LIMIT ?",
-                                   (read.queue, priority, seq, read.limit)).fetchall()
-            if len(rows) < read.limit:
-                rows += self.db.execute(columns + "WHERE queue = ? AND priority < ? "
-                                        "ORDER BY priority DESC, seq LIMIT ?",
-                                        (read.queue, priority, read.limit - len(rows))
-                                        ).fetchall()
-        return [StoredMessage(seq, queue, priority, ack_timeout,
-                              [tuple(pair) for pair in json.loads(headers)], body)
-                for seq, queue, priority, ack_timeout, headers, body in rows]
+    def expired(self, read):
+        expires, seq = read.after or (0, 0)
+        rows = self.db.execute(
+            "SELECT seq, queue, priority, ack_timeout, headers, NULL, due, expires, deliveries, "
+            "dead_letter FROM messages WHERE expires > 0 AND expires <= ? "
+            "AND (expires, seq) > (?, ?) ORDER BY expires, seq LIMIT ?",
+            (read.now, expires, seq, read.limit)).fetchall()
+        return [_message(row) for row in rows]
 
     def close(self):
         if self.db is not None:

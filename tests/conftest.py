@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import gevent
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,8 +20,10 @@ sys.path.insert(0, str(ROOT))
 
 import pymq  # noqa: E402
 import postgres  # noqa: E402
+from pymq_storage import Storage, open_backend  # noqa: E402
 
 TIMEOUT = 5.0       # how long any single expected event may take
+STORE_TIMEOUT = 2.0     # how long a storage operation may take before a test calls it hung
 
 
 class BrokerThread:
@@ -352,3 +355,46 @@ def broker_process():
         if process.proc.poll() is None:
             process.proc.kill()
             process.proc.wait()
+
+
+# -- storage driven from the test's own thread (gevent without monkey-patching) ---------------
+
+def within(function, *args, seconds=STORE_TIMEOUT, what=None):
+    """function(*args) in this greenlet, failing the test if it blocks longer than `seconds`."""
+    name = what or getattr(function, "__name__", "call")
+    with gevent.Timeout(seconds, AssertionError("%s did not return within %s s (hang)"
+                                                % (name, seconds))):
+        return function(*args)
+
+
+def shutdown(storage):
+    """Close `storage`, forcibly if close() hangs, so one test's bug cannot leak into others."""
+    try:
+        within(storage.close, seconds=STORE_TIMEOUT)
+    except AssertionError:
+        # Best effort: stop the committer and release the backend and its thread.
+        if storage._committer is not None:
+            storage._committer.kill()
+            storage._committer = None
+        try:
+            storage._call(storage.backend.close)
+        finally:
+            if storage._pool is not None:
+                storage._pool.kill()
+
+
+@pytest.fixture
+def open_store():
+    """open_store(url or Backend) -> an opened Storage, closed after the test."""
+    stores = []
+
+    def open_(target):
+        backend = open_backend(target) if isinstance(target, str) else target
+        storage = Storage(backend)
+        stores.append(storage)
+        return within(storage.open)
+
+    yield open_
+    for storage in stores:
+        if storage._committer is not None:
+            shutdown(storage)

@@ -917,7 +917,8 @@ def test_other_schema_version_is_refused_with_a_clear_log_line(tmp_path, brokers
     # The last word is one clear log line, whatever else was printed before it.
     last = result.stderr.strip().splitlines()[-1]
     assert re.search(r" ERROR pymq: cannot start on .* with store .*pymq\.db: .*pymq\.db has "
-                     r"schema version 99; this pymq reads version 1$", last), result.stderr
+                     r"schema version 99; this pymq reads version 2 \(or upgrades older ones\): use a "
+                     r"newer pymq$", last), result.stderr
     assert "listening" not in result.stderr
     if "Traceback" in result.stderr:
         # gevent's thread pool prints the worker's exception before pymq logs it: noise, but

@@ -35,12 +35,12 @@ from hypothesis import strategies as st
 
 from pymq_storage import (Backend, Storage, StorageError, StoredMessage, open_backend,
                           open_storage)
+from conftest import STORE_TIMEOUT as TIMEOUT, shutdown, within
 from pymq_storage.memory import MemoryBackend
 from pymq_storage.sqlite import SCHEMA_VERSION, SQLiteBackend
 import postgres
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT = 2.0           # how long any single storage operation may take before we call it hung
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,53 +62,12 @@ DURABLE = [name for name in BACKENDS if name != "memory"]
 # Helpers and fixtures
 # ---------------------------------------------------------------------------------------------
 
-def within(function, *args, seconds=TIMEOUT, what=None):
-    """function(*args) in this greenlet, failing the test if it blocks longer than `seconds`."""
-    name = what or getattr(function, "__name__", "call")
-    with gevent.Timeout(seconds, AssertionError("%s did not return within %s s (hang)"
-                                                % (name, seconds))):
-        return function(*args)
-
-
 def join_all(greenlets, seconds=10.0):
     """Wait for every greenlet; fail if any is still running after `seconds`."""
     gevent.joinall(greenlets, timeout=seconds)
     stuck = [g for g in greenlets if not g.dead]
     assert not stuck, "%d of %d greenlets still blocked after %s s" % (
         len(stuck), len(greenlets), seconds)
-
-
-def shutdown(storage):
-    """Close `storage`, forcibly if close() hangs, so one test's bug cannot leak into others."""
-    try:
-        within(storage.close, seconds=TIMEOUT)
-    except AssertionError:
-        # Best effort: stop the committer and release the backend and its thread.
-        if storage._committer is not None:
-            storage._committer.kill()
-            storage._committer = None
-        try:
-            storage._call(storage.backend.close)
-        finally:
-            if storage._pool is not None:
-                storage._pool.kill()
-
-
-@pytest.fixture
-def open_store():
-    """open_store(url or Backend) -> an opened Storage, closed after the test."""
-    stores = []
-
-    def open_(target):
-        backend = open_backend(target) if isinstance(target, str) else target
-        storage = Storage(backend)
-        stores.append(storage)
-        return within(storage.open)
-
-    yield open_
-    for storage in stores:
-        if storage._committer is not None:
-            shutdown(storage)
 
 
 @pytest.fixture(params=list(BACKENDS))
@@ -143,7 +102,7 @@ def load(storage, queue="q", after=None, limit=1000):
 
 
 def count(storage, queue="q"):
-    return within(storage.count, queue)
+    return within(storage.count, queue)[0]
 
 
 def seqs(messages):
@@ -482,7 +441,7 @@ def test_load_async_answers_many_first_loads_at_once(store):
     loads = [store.load_async(name, None, 1000, callback) for name in names]
     cursor = sorted(sent["q0"], key=lambda m: m.key)[0].key
     with_cursor = store.load_async("q0", cursor, 1000, callback)
-    counted = within(store.count, "q7")
+    counted = count(store, "q7")
     assert counted == 3
     assert all(load.queue == name for load, name in zip(loads, names))
     assert len(answers) == len(names) + 1
@@ -544,7 +503,7 @@ def test_concurrent_readers_and_writers(store):
     def worker(i):
         message, _ = put(store, "q%d" % (i % 3), priority=i % 10)
         got = store.load("q%d" % (i % 3), None, 1000)
-        seen[i] = (message.seq, seqs(got), store.count("q%d" % (i % 3)))
+        seen[i] = (message.seq, seqs(got), count(store, "q%d" % (i % 3)))
 
     greenlets = [gevent.spawn(worker, i) for i in range(60)]
     join_all(greenlets)
@@ -729,10 +688,10 @@ class GatedBackend(Backend):
     def open(self):
         return self.inner.open()
 
-    def apply(self, inserts, deletes, reads, *more):
+    def apply(self, batch):
         self.applies += 1
         assert self.gate.wait(TIMEOUT) is not False, "gate never opened"
-        return self.inner.apply(inserts, deletes, reads, *more)
+        return self.inner.apply(batch)
 
     def close(self):
         self.inner.close()
@@ -816,10 +775,10 @@ class FailingMemoryBackend(MemoryBackend):
         super().__init__()
         self.fail = False
 
-    def apply(self, inserts, deletes, reads, *more):
+    def apply(self, batch):
         if self.fail:
             raise OSError("disk on fire")
-        return super().apply(inserts, deletes, reads, *more)
+        return super().apply(batch)
 
 
 def test_failing_batch_raises_for_every_waiter_and_recovers(open_store):
@@ -1012,9 +971,9 @@ class ThreadRecordingSQLiteBackend(SQLiteBackend):
         self.threads.append(("open", threading.get_ident()))
         return super().open()
 
-    def apply(self, inserts, deletes, reads, *more):
+    def apply(self, batch):
         self.threads.append(("apply", threading.get_ident()))
-        return super().apply(inserts, deletes, reads, *more)
+        return super().apply(batch)
 
     def close(self):
         self.threads.append(("close", threading.get_ident()))
@@ -1043,9 +1002,9 @@ def test_sqlite_work_happens_in_one_thread_off_the_hub(tmp_path, open_store):
 def test_sqlite_hub_keeps_running_while_the_disk_works(tmp_path, open_store):
     """While a (slow) apply runs in the worker thread, other greenlets keep running."""
     class SlowSQLiteBackend(SQLiteBackend):
-        def apply(self, inserts, deletes, reads, *more):
+        def apply(self, batch):
             time.sleep(0.2)
-            return super().apply(inserts, deletes, reads, *more)
+            return super().apply(batch)
 
     storage = open_store(SlowSQLiteBackend(str(tmp_path / "slow.db")))
     ticks = []
@@ -1142,7 +1101,7 @@ def run_against_model(storage, ops):
                 assert_same_message(message, model[message.seq])
         elif kind == "count":
             _, queue = op
-            assert within(storage.count, queue) == sum(
+            assert within(storage.count, queue)[0] == sum(
                 1 for m in model.values() if m.queue == queue)
         elif kind == "yield":
             gevent.sleep(0)                                # let the committer take a batch
