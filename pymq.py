@@ -31,6 +31,7 @@ import heapq
 import hmac
 import itertools
 import logging
+import math
 import os
 import re
 import signal
@@ -89,6 +90,15 @@ OPTIONS = (
                                     "client-individual (ocamlmq's behaviour)"),
     ("ack-timeout", 0.0, "SECS", "redeliver a message not ACKed in time, unless its SEND had "
                                  "an ack-timeout header (0: never)"),
+    ("max-redeliveries", 20, "N", "redeliver a message at most N times (unless its SEND had a "
+                                  "max-redeliveries header), then dead-letter it (0: never)"),
+    ("redelivery-delay", 0, "MS", "wait this long before the first redelivery after a NACK or "
+                                  "an ack timeout, twice as long before each further one "
+                                  "(unless the SEND had a redelivery-delay header; 0: at once)"),
+    ("max-redelivery-delay", 300000, "MS", "longest wait before a redelivery"),
+    ("drop-expired", False, None, "delete expired messages instead of dead-lettering them"),
+    ("dedup-window", 600.0, "SECS", "how long after a SEND with a dedup-id header another SEND "
+                                    "with it to the same queue stores nothing"),
     ("debug", False, None, "log connections and frames to stderr"),
     # ocamlmq's PostgreSQL flags, so that its command lines and scripts keep working: any of
     # them selects PostgreSQL instead of --db.
@@ -441,27 +451,16 @@ class FrameParser:
 
 
 # ---------------------------------------------------------------------------------------------
-# Broker: the one shared object. It owns destinations, subscriptions, in-flight messages and the
-# ack-timeout clock, and decides what each frame does; it never touches a socket, it calls
-# Connection.send(), send_receipt() and close(), and the storage.
-#
-# A queue message's life: SEND -> stored (the RECEIPT waits for the commit) -> ready (in an
-# active queue's buffer, or only in storage) -> in flight to one subscription -> ACKed (deleted)
-# or back to ready, marked redelivered (NACK, ack-timeout, UNSUBSCRIBE, connection lost).
+# Topics: broadcast and non-durable. Exact subscriptions in one index, prefix subscriptions
+# (/topic/PREFIX*) in another looked up at the lengths some prefix has, so that a SEND costs
+# O(matching subscriptions + name length), not O(all subscriptions).
 # ---------------------------------------------------------------------------------------------
 
 # Each mode's one string object, shared by every subscription that uses it.
 ACK_MODES = {mode: mode for mode in ("auto", "client", "client-individual")}
-PREFETCH_HEADERS = ("prefetch", "prefetch-count", "activemq.prefetchSize")
 # Headers of a SEND that the broker sets itself on the MESSAGE, or that only concern the SEND.
 _NOT_FORWARDED = frozenset(("destination", "message-id", "subscription", "ack", "receipt",
-                            "content-length", "transaction", "redelivered"))
-MAX_TRANSACTION_FRAMES = 10000   # bounds the memory a client can park in an open transaction
-REFILL_BATCH = 500               # messages an active queue loads from storage at a time...
-REFILL_BYTES = 8 * 1024 * 1024   # ...and at most this many bytes of them
-QUEUE_BACKLOG = 256 * 1024       # bytes unwritten to a connection before queues skip it
-REFILL_RETRY = 1.0               # seconds before a failed refill is tried again
-REDELIVERED = "earlier consumer" # the previous consumer of a message that came back from idle
+                            "content-length", "transaction", "redelivered", "redelivery-count"))
 
 
 class Subscription:
@@ -494,13 +493,134 @@ class Subscription:
         return header
 
 
+class Topics:
+    def __init__(self, id_prefix, stats):
+        self.exact = {}             # topic name -> subscriptions, see _members()
+        self.prefixes = {}          # "prefix*" -> subscriptions of /topic/prefix*
+        self.prefix_lengths = {}    # prefix length -> how many prefixes have it
+        self.stats = stats
+        # Topic message ids: unique across restarts because each start gets its own prefix.
+        self._id_prefix = id_prefix
+        self._message_seq = itertools.count(1)
+
+    def subscribe(self, conn, sub_id, name, ack):
+        sub = Subscription(conn, sub_id, name, ack)
+        if name.endswith("*"):
+            if _index_add(self.prefixes, name, sub):
+                length = len(name) - 1
+                self.prefix_lengths[length] = self.prefix_lengths.get(length, 0) + 1
+        else:
+            _index_add(self.exact, name, sub)
+        return sub
+
+    def remove(self, sub):
+        name = sub.name
+        if name.endswith("*"):
+            if _index_remove(self.prefixes, name, sub):
+                length = len(name) - 1
+                count = self.prefix_lengths[length] - 1
+                if count:
+                    self.prefix_lengths[length] = count
+                else:
+                    del self.prefix_lengths[length]
+        else:
+            _index_remove(self.exact, name, sub)
+
+    def matching(self, topic):
+        """Subscriptions a message to `topic` reaches: the exact ones, then the prefix ones."""
+        subs = list(_members(self.exact.get(topic)))
+        for length in self.prefix_lengths:
+            if length <= len(topic):
+                subs.extend(_members(self.prefixes.get(topic[:length] + "*")))
+        return subs
+
+    def publish(self, topic, frame):
+        """Broadcast a SEND to every subscription matching `topic`."""
+        subs = self.matching(topic)
+        if not subs:
+            return
+        message_id = "%s%d" % (self._id_prefix, next(self._message_seq))
+        id_line = ("message-id:%s\n" % message_id).encode()
+        ack_line = ("ack:%s\n" % message_id).encode()
+        user_headers = [(k, v) for k, v in frame.headers.items() if k not in _NOT_FORWARDED]
+        user_headers.append(("destination", "/topic/" + topic))
+        rests = {}          # per protocol version: the encoded headers and body, shared by all
+        for sub in subs:
+            version = sub.conn.version
+            rest = rests.get(version)
+            if rest is None:
+                rest = rests[version] = encode_rest(user_headers, frame.body, version,
+                                                    escaped=version != "1.0")
+            if sub.ack != "auto" and version == "1.2":
+                sub.conn.send((sub.header, id_line, ack_line, rest))
+            else:
+                sub.conn.send((sub.header, id_line, rest))
+        self.stats["messages_out"] += len(subs)
+
+
+def _members(entry):
+    """The subscriptions of an index entry: None, one Subscription, or a dict of them (most
+    topics have one subscriber; a dict per topic would triple its cost)."""
+    if entry is None:
+        return ()
+    if type(entry) is dict:
+        return entry
+    return (entry,)
+
+
+def _index_add(index, key, sub):
+    """Add `sub` under `key`; sub.name becomes the index's key string (one copy)."""
+    entry = index.get(key)
+    if entry is None:
+        index[key] = sub
+        return True
+    if type(entry) is dict:
+        sub.name = next(iter(entry)).name
+        entry[sub] = None
+    else:
+        sub.name = entry.name
+        index[key] = {entry: None, sub: None}
+    return False
+
+
+def _index_remove(index, key, sub):
+    """Remove `sub` from under `key`; True when the key is gone."""
+    entry = index[key]
+    if entry is sub:
+        del index[key]
+        return True
+    del entry[sub]
+    if len(entry) == 1:
+        index[key] = next(iter(entry))
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Queues: dispatch, refill, in flight. A queue's messages live in storage; an active queue (one
+# with subscribers) keeps a bounded buffer of ready ones, refilled in delivery order, and
+# delivers round-robin to subscriptions with room. A queue message's life:
+#
+#   SEND -> stored (the RECEIPT waits for the commit, or for the ACK if that comes first)
+#        -> maybe delayed (not due yet: in storage only, see the clock)
+#        -> ready -> in flight to one subscription (its delivery count is written later)
+#        -> ACKed (deleted); or back (NACK, ack timeout, UNSUBSCRIBE, connection lost): see
+#           "The message's life after a delivery" below: ready again, later, or a dead letter.
+# ---------------------------------------------------------------------------------------------
+
+PREFETCH_HEADERS = ("prefetch", "prefetch-count", "activemq.prefetchSize")
+REFILL_BATCH = 500               # messages an active queue loads from storage at a time...
+REFILL_BYTES = 8 * 1024 * 1024   # ...and at most this many bytes of them
+QUEUE_BACKLOG = 256 * 1024       # bytes unwritten to a connection before queues skip it
+REFILL_RETRY = 1.0               # seconds before a failed refill is tried again
+
+
 class QueueSubscription(Subscription):
     __slots__ = ("queue", "prefetch", "in_flight")
     kind = "queue"
 
     def __init__(self, conn, sub_id, name, ack, prefetch):
         super().__init__(conn, sub_id, name, ack)
-        # The Queue; or, while the subscription stands alone for its queue (Broker._settle),
+        # The Queue; or, while the subscription stands alone for its queue (Queues._settle),
         # None, or the storage Batch of the probe still finding out whether the queue holds
         # messages.
         self.queue = None
@@ -516,40 +636,1003 @@ class QueueSubscription(Subscription):
 
 
 class InFlight:
-    """A queue message delivered to a subscription and not yet ACKed."""
+    """A queue message delivered to a subscription and not yet ACKed; a timer of the clock
+    while it has an ack timeout."""
     __slots__ = ("message", "sub", "deadline")
 
-    def __init__(self, message, sub, deadline):
+    def __init__(self, message, sub):
         self.message = message
-        self.sub = sub                # None once ACKed or returned: the timer entry is dead
-        self.deadline = deadline
+        self.sub = sub                # None once ACKed or back in the queue
+        self.deadline = None
+
+    def fire(self):
+        """Its ack timeout passed."""
+        self.sub.conn.broker.redelivery.timed_out(self)
 
 
 class Queue:
     """An active queue: one with subscribers. Its messages live in storage; this holds a
     bounded buffer of ready ones, refilled from storage in delivery order.
 
-    The buffer invariant: every stored message of the queue that is not in memory (ready or in
-    flight, i.e. in `held`) has a key after `cursor`; `exhausted` means storage has none.
+    The buffer invariant: every stored, ready message of the queue that is not in memory (in
+    `ready` or in flight: in `held`) has a key after `cursor`; `exhausted` means storage has
+    none. A message that appears in storage behind the cursor (a dead letter, a delayed one
+    falling due: Queues.arrived) moves the cursor back (rewind).
 
-    An idle queue with a single subscription has no Queue: Broker.queues maps its name to the
-    subscription itself (see Broker._settle), so that a million idle workers each waiting on
+    An idle queue with a single subscription has no Queue: Queues.queues maps its name to the
+    subscription itself (see Queues._settle), so that a million idle workers each waiting on
     a queue of their own cost about what a million topic subscriptions do."""
 
     __slots__ = ("name", "subs", "next_sub", "ready", "held", "cursor", "exhausted",
-                 "refilling", "acked_while_refilling", "returned")
+                 "refilling", "acked_while_refilling")
 
-    def __init__(self, name, returned):
+    def __init__(self, name):
         self.name = name
         self.subs = []                # round-robin order
         self.next_sub = 0
-        self.ready = []               # heap of (key, message, previous connection or None)
+        self.ready = []               # heap of (key, message, its last connection or None)
         self.held = None              # seqs ready or in flight: a set, once there are any
         self.cursor = None            # key of the last message loaded from storage
         self.exhausted = False
         self.refilling = False        # the storage Load of a refill, while one is out
-        self.acked_while_refilling = None     # seqs ACKed while a refill is out, once any
-        self.returned = returned      # None, or seqs delivered before, not ACKed, not in memory
+        self.acked_while_refilling = None     # seqs that left memory while it is out
+
+    def make_ready(self, message, previous=None):
+        heapq.heappush(self.ready, (message.key, message, previous))
+        if self.held is None:
+            self.held = set()
+        self.held.add(message.seq)
+
+    def release(self, seq):
+        """The message leaves memory (ACKed, dead-lettered, or waiting in storage to be due):
+        a refill out now must not bring it back."""
+        if self.held:
+            self.held.discard(seq)
+        if self.refilling:
+            if self.acked_while_refilling is None:
+                self.acked_while_refilling = set()
+            self.acked_while_refilling.add(seq)
+
+    def in_order(self, key):
+        """No message still only in storage comes before `key`."""
+        return self.exhausted or (self.cursor is not None and key <= self.cursor)
+
+    def rewind(self, key):
+        """Stored messages not in memory may now exist from `key` on (None: anywhere). A
+        refill out now would move the cursor past them: its answer is dropped."""
+        if key is None:
+            self.cursor = None
+        elif self.cursor is not None and key <= self.cursor:
+            self.cursor = pymq_storage.before(key)
+        self.exhausted = False
+        self.refilling = False
+        self.acked_while_refilling = None
+
+    def trim(self):
+        """Keep the buffer bounded: forget the last messages (they are in storage, their
+        delivery counts too) and move the cursor back before them. Never during a refill,
+        whose result would move the cursor past what was forgotten."""
+        entries = sorted(self.ready)
+        for entry in entries[REFILL_BATCH:]:
+            self.held.discard(entry[1].seq)
+        boundary = entries[REFILL_BATCH - 1][0]
+        self.cursor = boundary if self.cursor is None else min(self.cursor, boundary)
+        self.exhausted = False
+        self.ready = entries[:REFILL_BATCH]     # sorted: a heap already
+
+    def next_subscription(self, avoid=None):
+        """The next subscription, in round-robin order, that can take a message now; another
+        connection than `avoid` (a redelivered message's last consumer) when one can."""
+        subs = self.subs
+        count = len(subs)
+        fallback = None
+        for i in range(count):
+            index = (self.next_sub + i) % count
+            sub = subs[index]
+            if _can_take(sub, self):
+                if sub.conn is avoid and fallback is None:
+                    fallback = index
+                    continue
+                self.next_sub = index + 1
+                return sub
+        if fallback is not None:
+            self.next_sub = fallback + 1
+            return subs[fallback]
+        return None
+
+
+def _can_take(sub, queue):
+    """Whether `sub` can take a message of `queue` now. If its connection's backlog is what
+    stops it, the queue is noted: once the backlog is written, it dispatches again
+    (Queues.drained)."""
+    if sub.ready():
+        return True
+    conn = sub.conn
+    if not conn.closing and conn.backlog >= QUEUE_BACKLOG:
+        if conn.starved is None:
+            conn.starved = set()
+        conn.starved.add(queue)
+    return False
+
+
+class Queues:
+    """Every queue: subscribing, storing a SEND, dispatching, refilling, ACKs."""
+
+    def __init__(self, options, clock, stats):
+        self.options = options
+        self.clock = clock
+        self.stats = stats
+        self.storage = None           # given at start (Broker.start)
+        self.redelivery = None        # what happens to a message that comes back: ditto
+        self.schedule = None          # the store's timed work: ditto
+        # queue name -> Queue, only while it has subscribers; or its only QueueSubscription,
+        # while nothing of the queue is ready in storage or in memory (see _settle)
+        self.queues = {}
+
+    # -- SEND ----------------------------------------------------------------------------------
+
+    def enqueue(self, name, frame):
+        """Store a SEND to a queue; returns (the Batch that makes it durable, the message, or
+        None if it may not be delivered before it is stored: delayed, or de-duplicated). A
+        message in memory may be delivered before its batch commits: an ACK that comes first
+        cancels the write."""
+        headers = frame.headers
+        priority, ack_timeout, due, expires, dedup_key = _send_options(headers)
+        user_headers = [(k, v) for k, v in headers.items() if k not in _NOT_FORWARDED]
+        try:
+            message = self.storage.new_message(name, priority, ack_timeout, user_headers,
+                                               frame.body, due, expires)
+        except pymq_storage.StorageError as error:
+            raise ProtocolError("message not stored: %s" % error)
+        dedup = None
+        if dedup_key is not None:
+            sent = pymq_storage.now_ms()
+            dedup = (dedup_key, sent, sent + int(self.options.dedup_window * 1000))
+        batch = self.storage.save(message, dedup)
+        if due:
+            self.schedule.note_due(due)
+            message = None
+        elif dedup is not None:
+            message = None          # Queues.arrived, once stored (and not a duplicate)
+        else:
+            queue = self._queue(name)
+            if queue is not None:
+                # In memory only if the buffer invariant needs it (or it costs no read).
+                if (queue.refilling or queue.exhausted
+                        or (queue.cursor is not None and message.key < queue.cursor)):
+                    queue.make_ready(message)
+                self.dispatch(queue)
+        # Backpressure: past the async budget, this sender's reads wait for the writer.
+        self.storage.wait_for_budget(self.options.async_budget)
+        return batch, message
+
+    # -- SUBSCRIBE / UNSUBSCRIBE ---------------------------------------------------------------
+
+    def subscribe(self, conn, sub_id, name, ack, headers):
+        sub = QueueSubscription(conn, sub_id, name, ack, self._prefetch(headers))
+        queue = self._queue(name)
+        if queue is None:
+            # The queue's first subscription stands alone for it while the store says
+            # whether it holds anything: no Queue unless it does.
+            self.queues[name] = sub
+            sub.queue = self.storage.probe_async(name)
+            return sub
+        sub.queue = queue
+        queue.subs.append(sub)
+        self.dispatch(queue)
+        return sub
+
+    def _prefetch(self, headers):
+        limit = self.options.max_prefetch
+        for name in PREFETCH_HEADERS:
+            value = headers.get(name)
+            if value is not None:
+                value = value.strip()
+                digits = value.lstrip("0")
+                if value.isascii() and value.isdigit() and digits:
+                    return limit if len(digits) > len(str(limit)) else min(int(digits), limit)
+        return limit
+
+    def remove(self, sub):
+        """Final: nothing (a late ACK, a timeout) brings the subscription back. Its messages
+        in flight come back at once, as from a consumer that died."""
+        queue = sub.queue
+        if queue.__class__ is not Queue:    # it stood alone for its queue: nothing else
+            del self.queues[sub.name]
+            return
+        queue.subs.remove(sub)
+        for in_flight in list(sub.in_flight.values() if sub.in_flight else ()):
+            self.redelivery.came_back(in_flight, LOST)
+        if queue.subs:
+            self.dispatch(queue)
+        else:
+            del self.queues[queue.name]      # its messages are all in storage
+
+    def count_subscribers(self, name):
+        queue = self.queues.get(name)
+        return 0 if queue is None else 1 if queue.__class__ is not Queue else len(queue.subs)
+
+    def _queue(self, name):
+        """The Queue `name`, or None if it has no subscribers. A queue settled into its only
+        subscription becomes a Queue again."""
+        queue = self.queues.get(name)
+        if queue is None or queue.__class__ is Queue:
+            return queue
+        sub = queue
+        queue = self.queues[name] = Queue(name)
+        # Settled: what _settle() required. Else a probe is out: the Queue refills instead.
+        queue.exhausted = sub.queue is None
+        sub.queue = queue
+        queue.subs.append(sub)
+        return queue
+
+    def _settle(self, queue):
+        """Let an idle queue's only subscription stand for it: nothing of the queue is ready
+        in storage or in memory, so the Queue holds nothing but that subscription."""
+        if (len(queue.subs) == 1 and queue.exhausted and not queue.ready and not queue.held
+                and not queue.refilling and self.queues.get(queue.name) is queue):
+            sub = queue.subs[0]
+            sub.queue = None
+            self.queues[queue.name] = sub
+
+    # -- delivery ------------------------------------------------------------------------------
+
+    def dispatch(self, queue):
+        """Deliver ready messages round-robin to subscriptions that can take one; an expired
+        one is never delivered; keep the buffer bounded and refilled."""
+        ready = queue.ready
+        while ready and queue.in_order(ready[0][0]):
+            _, message, previous = ready[0]
+            if message.expires and message.expires <= pymq_storage.now_ms():
+                heapq.heappop(ready)
+                self.redelivery.dead_letter(queue, message, EXPIRED)
+                continue
+            sub = queue.next_subscription(avoid=previous)
+            if sub is None:
+                break
+            heapq.heappop(ready)
+            self._deliver(queue, sub, message)
+        if queue.refilling:
+            return
+        if queue.exhausted and not ready:
+            self._settle(queue)
+        elif len(ready) > 2 * REFILL_BATCH:
+            queue.trim()
+        elif not queue.exhausted and (len(ready) < REFILL_BATCH // 2
+                                      or (ready and not queue.in_order(ready[0][0]))):
+            if not ready and not any(_can_take(sub, queue) for sub in queue.subs):
+                # Nobody can take a message now: load when someone can (an ACK, a drained
+                # backlog, a new subscriber dispatch again), not to hold it in memory meanwhile.
+                return
+            queue.refilling = self.storage.load_async(queue.name, queue.cursor, REFILL_BATCH,
+                                                      self._refilled)
+
+    def _deliver(self, queue, sub, message):
+        conn = sub.conn
+        message_id = str(message.seq)
+        extra = "message-id:%s\n" % message_id
+        deliveries = message.deliveries
+        if sub.ack != "auto":
+            if conn.version == "1.2":
+                extra += "ack:%s\n" % message_id
+            in_flight = InFlight(message, sub)
+            if sub.in_flight is None:
+                sub.in_flight = {}
+            sub.in_flight[message_id] = in_flight
+            conn.in_flight[message_id] = in_flight
+            timeout = message.ack_timeout or self.options.ack_timeout
+            if timeout:
+                self.clock.schedule(in_flight, time.monotonic() + timeout)
+            message.deliveries = deliveries + 1
+            self.storage.update(message)     # in a later batch: the MESSAGE does not wait
+        else:
+            self.forget(queue, message.seq)     # auto: acknowledged once sent
+        if deliveries:
+            extra += "redelivered:true\nredelivery-count:%d\n" % deliveries
+            self.stats["redelivered"] += 1
+        headers = message.headers + [("destination", "/queue/" + queue.name)]
+        conn.send((sub.header, extra.encode(),
+                   encode_rest(headers, message.body, conn.version, conn.version != "1.0")))
+        self.stats["messages_out"] += 1
+
+    def forget(self, queue, seq):
+        """The message is done with: delete it from storage and from the queue's memory.
+        Returns the storage Batch that makes the deletion durable."""
+        queue.release(seq)
+        return self.storage.delete(seq)
+
+    def land(self, in_flight):
+        """Take a message out of flight; returns the subscription it was in flight to."""
+        sub = in_flight.sub
+        message_id = str(in_flight.message.seq)
+        del sub.in_flight[message_id]
+        del sub.conn.in_flight[message_id]
+        in_flight.sub = None
+        if in_flight.deadline is not None:
+            self.clock.cancel(in_flight)
+        return sub
+
+    def requeue(self, queue, message, previous):
+        """Put a message that came back into its queue's buffer, if the queue is still active
+        (else it waits in storage for the next subscriber)."""
+        if self.queues.get(queue.name) is queue:
+            heapq.heappush(queue.ready, (message.key, message, previous))
+
+    def redispatch(self, queue):
+        """Dispatch, unless the queue has lost its subscribers (and its Queue) meanwhile."""
+        if self.queues.get(queue.name) is queue:
+            self.dispatch(queue)
+
+    def drained(self, conn):
+        """The connection's outbound buffer emptied: the queues that skipped it for its
+        backlog may deliver again; only those, and only until it is backlogged again (a
+        connection may have a million queues)."""
+        starved, conn.starved = conn.starved, None
+        while starved and conn.backlog < QUEUE_BACKLOG and not conn.closing:
+            self.redispatch(starved.pop())
+        if starved:
+            if conn.starved is None:
+                conn.starved = starved
+            else:
+                conn.starved |= starved
+
+    # -- ACK -----------------------------------------------------------------------------------
+
+    def acked(self, conn, frame):
+        """The in-flight messages an ACK or NACK frame covers: one, or in `client` mode every
+        earlier one of the same subscription too. Unknown ids cover nothing (ignored quietly:
+        ocamlmq-style clients ACK even in auto mode, and a late ACK is harmless)."""
+        in_flight = conn.in_flight.get(_ack_id(conn, frame))
+        if in_flight is None:
+            return []
+        sub = in_flight.sub
+        if sub.ack != "client":
+            return [in_flight]
+        covered = []
+        for other in sub.in_flight.values():
+            covered.append(other)
+            if other is in_flight:
+                return covered
+
+    def ack(self, conn, frame):
+        """The RECEIPT of an ACK waits until the deletion is durable: a message whose ACK was
+        receipted is never delivered again, crash or not. The ACK also settles the RECEIPT
+        its sender may still be waiting for: a consumed message cannot be lost any more
+        (ActiveMQ's concurrent store and dispatch; the sender need not wait for the disk)."""
+        queues = set()
+        batch = None
+        for in_flight in self.acked(conn, frame):
+            sub = self.land(in_flight)
+            message = in_flight.message
+            deleted = self.forget(sub.queue, message.seq)
+            if deleted is not None:     # None: it cancelled the insert, nothing to wait for
+                batch = deleted
+            sender = message.sender
+            if sender is not None:
+                message.sender = None
+                sender.receipts_ready()
+            queues.add(sub.queue)
+        for queue in queues:
+            self.redispatch(queue)
+        return batch
+
+    # -- what storage tells --------------------------------------------------------------------
+
+    def _probed(self, batch, held):
+        """The storage answered the probes of subscriptions standing alone for their queues
+        (held: the names of those holding messages; None if the store failed)."""
+        for name in batch.probes:
+            sub = self.queues.get(name)
+            if sub is None or sub.__class__ is Queue or sub.queue is not batch:
+                continue                    # gone, or probed again since
+            if held is not None and name not in held:
+                sub.queue = None            # nothing stored: settled as it is
+            else:
+                self.dispatch(self._queue(name))        # a Queue, to load what is stored
+
+    def _refilled(self, load, messages):
+        """The storage answered a refill (messages is None if it failed); ignored unless it
+        is the one the queue, still active, waits for."""
+        queue = self.queues.get(load.queue)
+        if queue.__class__ is not Queue or queue.refilling is not load:
+            return
+        queue.refilling = False
+        gone, queue.acked_while_refilling = queue.acked_while_refilling, None
+        if messages is None:
+            log.error("queue %s: cannot load messages; trying again in %g s",
+                      queue.name, REFILL_RETRY)
+            self.clock.schedule(Timer(lambda: self.redispatch(queue)),
+                                time.monotonic() + REFILL_RETRY)
+            return
+        budget = REFILL_BYTES
+        for message in messages:
+            queue.cursor = message.key
+            if (queue.held and message.seq in queue.held) or (gone and message.seq in gone):
+                continue
+            queue.make_ready(message)
+            budget -= message.size
+            if budget <= 0:
+                break
+        else:
+            queue.exhausted = len(messages) < REFILL_BATCH
+        self.dispatch(queue)
+
+    def arrived(self, arrivals):
+        """Stored messages appeared that no queue put in memory (a de-duplicated SEND once
+        stored, a dead letter, a move, delayed ones falling due): from each key on (None:
+        anywhere) in each queue named, or anywhere at all (arrivals is None)."""
+        if arrivals is None:
+            arrivals = dict.fromkeys(self.queues)
+        for name, key in arrivals.items():
+            entry = self.queues.get(name)
+            if entry is None:
+                continue                # idle: its next subscriber finds them
+            if entry.__class__ is not Queue:
+                if entry.queue is not None:
+                    continue            # its probe rides in a later batch: it will see them
+                if key is None:
+                    entry.queue = self.storage.probe_async(name)    # cheap, for a million
+                    continue
+            queue = self._queue(name)
+            queue.rewind(key)
+            self.dispatch(queue)
+
+    def _unsend(self, messages):
+        """Their inserts failed and their senders got an ERROR: those still ready must not be
+        delivered (a sender that tries again would cause a duplicate)."""
+        failed = {}
+        for message in messages:
+            failed.setdefault(message.queue, set()).add(message.seq)
+        for name, seqs in failed.items():
+            queue = self.queues.get(name)
+            if queue is None or queue.__class__ is not Queue or not queue.ready:
+                continue
+            kept = [entry for entry in queue.ready if entry[1].seq not in seqs]
+            if len(kept) < len(queue.ready):
+                heapq.heapify(kept)
+                queue.ready = kept
+                queue.held -= seqs
+
+    # -- for the admin control destinations ----------------------------------------------------
+
+    def hand_over(self, name, below):
+        """A purge or move is about to take queue `name`'s stored messages with seqs below
+        `below`: those ready in memory leave it (the store has them), those in flight stay.
+        Returns the seqs in flight, for the store to leave alone."""
+        queue = self.queues.get(name)
+        if queue is None or queue.__class__ is not Queue:
+            return set()
+        ready = {entry[1].seq for entry in queue.ready}
+        in_flight = (queue.held or set()) - ready
+        queue.ready = [entry for entry in queue.ready if entry[1].seq >= below]
+        heapq.heapify(queue.ready)
+        queue.held = in_flight | {entry[1].seq for entry in queue.ready}
+        queue.rewind(None)          # what the store keeps is loaded again, in order
+        return in_flight
+
+
+def _ack_id(conn, frame):
+    """The message an ACK or NACK names: by `id` in STOMP 1.2, by `message-id` before."""
+    key = "id" if conn.version == "1.2" else "message-id"
+    message_id = frame.headers.get(key)
+    if message_id is None:
+        raise ProtocolError("%s needs a %s header" % (frame.command, key))
+    return message_id
+
+
+# ---------------------------------------------------------------------------------------------
+# The clock: one greenlet and one heap for everything timed (beanstalkd's prottick, NSQ's
+# in-flight heap): ack timeouts, and the store's timed work (Schedule): promoting delayed and
+# backed-off messages as they fall due, sweeping expired ones, forgetting old dedup keys. A
+# million messages in flight or delayed are never a million greenlets: in flight they are
+# heap entries, delayed they are rows in storage and the clock holds only the next due time.
+# ---------------------------------------------------------------------------------------------
+
+SWEEP_INTERVAL = 1.0      # seconds between sweeps for expired messages (the issue: at most 5)
+SWEEP_BATCH = 1000        # expired messages taken per sweep step
+PROMOTE_BATCH = 10000     # due messages made ready per batch
+KEYS_INTERVAL = 10.0      # seconds between purges of de-duplication keys past their window
+KEYS_BATCH = 10000        # keys forgotten per batch
+STORE_RETRY = 1.0         # seconds before timed work whose batch failed is tried again
+
+
+class Timer:
+    """Something the clock calls once its deadline (time.monotonic()) has come."""
+    __slots__ = ("fire", "deadline")
+
+    def __init__(self, function):
+        self.fire = function
+        self.deadline = None
+
+
+class Clock:
+    """A timer is any object with `deadline` and `fire()` (a Timer, an InFlight). Moving or
+    cancelling one leaves a dead entry behind, which the loop skips; many dead entries are
+    swept out at once."""
+
+    def __init__(self):
+        self._heap = []             # (deadline, n, timer)
+        self._ids = itertools.count()
+        self._dead = 0              # entries whose timer was moved or cancelled since
+        self._wake = gevent.event.Event()
+        self._greenlet = None
+
+    def start(self):
+        self._greenlet = gevent.spawn(self._run)
+
+    def stop(self):
+        if self._greenlet is not None:
+            self._greenlet.kill()
+
+    def schedule(self, timer, deadline):
+        """Fire `timer` at `deadline`, instead of when it was due to fire before."""
+        if timer.deadline == deadline:
+            return
+        if timer.deadline is not None:
+            self._dead += 1
+        timer.deadline = deadline
+        heap = self._heap
+        heapq.heappush(heap, (deadline, next(self._ids), timer))
+        if heap[0][2] is timer:
+            self._wake.set()        # a new earliest deadline
+        if self._dead > 1000 and self._dead > len(heap) // 2:
+            self._compact()
+
+    def cancel(self, timer):
+        if timer.deadline is not None:
+            timer.deadline = None
+            self._dead += 1
+
+    def _compact(self):
+        live, seen = [], set()
+        for entry in self._heap:
+            timer = entry[2]
+            if timer.deadline == entry[0] and id(timer) not in seen:
+                seen.add(id(timer))
+                live.append(entry)
+        heapq.heapify(live)
+        self._heap = live
+        self._dead = 0
+
+    def _run(self):
+        while True:
+            now = time.monotonic()
+            while self._heap and self._heap[0][0] <= now:
+                deadline, _, timer = heapq.heappop(self._heap)
+                if timer.deadline != deadline:
+                    self._dead -= 1
+                    continue
+                timer.deadline = None
+                try:
+                    timer.fire()
+                except Exception:
+                    log.exception("timer failed")
+            self._wake.clear()
+            self._wake.wait(max(0.0, self._heap[0][0] - time.monotonic()) if self._heap
+                            else None)
+
+
+def _monotonic_at(epoch_ms):
+    """The time.monotonic() of a wall-clock time in epoch milliseconds."""
+    return time.monotonic() + (epoch_ms - pymq_storage.now_ms()) / 1000.0
+
+
+class Schedule:
+    """The store's timed work, each a timer on the clock and one storage request at a time:
+
+    - due messages (delayed, or waiting out a back-off) are made ready when their time comes
+      (Promote: one indexed query); the broker knows only the next due time. Queues.arrived
+      then rewinds the queues concerned;
+    - expired messages are swept out of the store (to their dead-letter queue, or dropped)
+      every SWEEP_INTERVAL, SWEEP_BATCH at a time, so that an idle queue's expired message
+      goes within seconds; those in flight are left to their consumer;
+    - de-duplication keys past their window are forgotten every KEYS_INTERVAL."""
+
+    def __init__(self, clock, storage, redelivery):
+        self.clock = clock
+        self.storage = storage
+        self.redelivery = redelivery
+        self.next_due = None          # epoch ms of the earliest due time known, or None
+        self._promoting = False       # a Promote is out...
+        self._noted = None            # ...and the earliest due time noted since it went
+        self._promote = Timer(self._start_promote)
+        self._sweep = Timer(self._start_sweep)
+        self._sweep_after = None      # where the sweep continues, within one round
+        self._forget = Timer(self._start_forget)
+
+    def start(self):
+        # What fell due while the broker was down goes first; the answer says what is next.
+        self._start_promote()
+        self.clock.schedule(self._sweep, time.monotonic())
+        self.clock.schedule(self._forget, time.monotonic() + KEYS_INTERVAL)
+
+    def note_due(self, due):
+        """A message waits in storage until `due` (epoch ms)."""
+        if self._promoting:
+            if self._noted is None or due < self._noted:
+                self._noted = due
+        elif self.next_due is None or due < self.next_due:
+            self.next_due = due
+            self.clock.schedule(self._promote, _monotonic_at(due))
+
+    def _start_promote(self):
+        self._promoting, self._noted = True, None
+        self.storage.promote_async(pymq_storage.now_ms(), PROMOTE_BATCH, self._promoted)
+
+    def _promoted(self, op):
+        self._promoting = False
+        if op.result is None:
+            self.next_due = pymq_storage.now_ms() + int(STORE_RETRY * 1000)
+        else:
+            _, promoted, left = op.result
+            self.next_due = pymq_storage.now_ms() if promoted == op.limit else left
+        if self._noted is not None and (self.next_due is None or self._noted < self.next_due):
+            self.next_due = self._noted
+        if self.next_due is not None:
+            self.clock.schedule(self._promote, _monotonic_at(self.next_due))
+
+    def _start_sweep(self):
+        self.storage.expired_async(pymq_storage.now_ms(), self._sweep_after, SWEEP_BATCH,
+                                   self._swept)
+
+    def _swept(self, read, messages):
+        delay = SWEEP_INTERVAL
+        if messages is None:
+            delay = STORE_RETRY
+        else:
+            self.redelivery.expired_found(messages)
+            if len(messages) == read.limit:
+                last = messages[-1]
+                self._sweep_after, delay = (last.expires, last.seq), 0.0
+            else:
+                self._sweep_after = None
+        self.clock.schedule(self._sweep, time.monotonic() + delay)
+
+    def _start_forget(self):
+        self.storage.forget_keys_async(pymq_storage.now_ms(), KEYS_BATCH, self._forgot)
+
+    def _forgot(self, op):
+        more = op.result is not None and op.result == op.limit
+        self.clock.schedule(self._forget, time.monotonic() + (0.0 if more else KEYS_INTERVAL))
+
+
+# ---------------------------------------------------------------------------------------------
+# The message's life after a delivery: what happens to a message that comes back (NACK, ack
+# timeout, UNSUBSCRIBE, connection lost), with the redelivery policy (max redeliveries, back-off)
+# and dead-letter queues; expiry; lease extension. And the SEND headers that set all this.
+# ---------------------------------------------------------------------------------------------
+
+# How a message came back.
+NACKED, REJECTED, TIMED_OUT, LOST = "nacked", "rejected", "timed out", "lost"
+# Why a message is dead-lettered (its dead-letter-reason header).
+MAX_REDELIVERIES, EXPIRED = "max-redeliveries", "expired"
+DEAD_LETTER_HEADERS = ("original-destination", "dead-letter-reason", "original-redelivery-count")
+# SEND headers, with the peers' spellings (RabbitMQ's delayed-message plugin, ActiveMQ's
+# scheduler, RabbitMQ's per-message TTL).
+DELAY_HEADERS = ("delay", "x-delay", "AMQ_SCHEDULED_DELAY")
+TTL_HEADERS = ("ttl", "expiration")
+MAX_MS = 10 ** 15           # about 31,000 years: a bound on any time in milliseconds
+
+
+def _milliseconds(headers, names, what):
+    """The value of the first of the header `names` present, a non-negative number of
+    milliseconds, rounded up; None if none is present."""
+    for name in names:
+        value = headers.get(name)
+        if value is not None:
+            try:
+                number = float(value)
+            except ValueError:
+                number = -1.0
+            if not 0 <= number < MAX_MS:      # NaN fails this too
+                raise ProtocolError("%s must be %s, not %r" % (name, what, value[:30]))
+            return math.ceil(number)
+    return None
+
+
+def _send_options(headers):
+    """(priority, ack_timeout, due, expires, dedup_key) of a queue SEND; ProtocolError if a
+    header is invalid (the redelivery policy's ones are checked here too, and read again when
+    the message comes back)."""
+    priority = headers.get("priority", DEFAULT_PRIORITY)
+    if not (priority.isascii() and priority.isdigit() and len(priority.lstrip("0")) <= 1):
+        raise ProtocolError("priority must be an integer from 0 to 9, not %r" % priority[:20])
+    try:
+        ack_timeout = float(headers.get("ack-timeout", 0))
+    except ValueError:
+        ack_timeout = -1.0
+    if not 0 <= ack_timeout < 1e9:
+        raise ProtocolError("ack-timeout must be a number of seconds, not %r"
+                            % headers["ack-timeout"][:20])
+    due = expires = 0
+    if len(headers) > 1:        # a destination and nothing else is the common case
+        delay = _milliseconds(headers, DELAY_HEADERS, "a number of milliseconds")
+        deliver_at = _milliseconds(headers, ("deliver-at",), "a time in epoch milliseconds")
+        ttl = _milliseconds(headers, TTL_HEADERS, "a number of milliseconds")
+        expires = _milliseconds(headers, ("expires",), "a time in epoch milliseconds "
+                                "(0: never)") or 0
+        if delay or deliver_at or ttl:
+            now = pymq_storage.now_ms()
+            # Not before any of the times given, nor after any.
+            due = max(now + (delay or 0), deliver_at or 0)
+            due = 0 if due <= now else due
+            if ttl is not None:
+                expires = min(expires, now + ttl) if expires else now + ttl
+        _milliseconds(headers, ("redelivery-delay",), "a number of milliseconds")
+        limit = headers.get("max-redeliveries")
+        if limit is not None and not (limit.isascii() and limit.isdigit() and len(limit) < 10):
+            raise ProtocolError("max-redeliveries must be a non-negative integer, not %r"
+                                % limit[:30])
+        target = headers.get("dead-letter-queue")
+        if target is not None and parse_destination(target)[0] != "queue":
+            raise ProtocolError("dead-letter-queue must be a /queue/ destination, not %r"
+                                % target[:100])
+        dedup_key = headers.get("dedup-id")
+        if dedup_key == "":
+            raise ProtocolError("dedup-id must not be empty")
+        return int(priority.lstrip("0") or "0"), ack_timeout, due, expires, dedup_key
+    return int(priority.lstrip("0") or "0"), ack_timeout, 0, 0, None
+
+
+def _nack_options(frame):
+    """(how, delay in ms or None) of a NACK: requeue:false (RabbitMQ's) rejects; delay:MS."""
+    headers = frame.headers
+    delay = _milliseconds(headers, ("delay",), "a number of milliseconds")
+    requeue = headers.get("requeue", "true").lower()
+    if requeue not in ("true", "false"):
+        raise ProtocolError("requeue must be true or false, not %r" % headers["requeue"][:20])
+    return (REJECTED if requeue == "false" else NACKED), delay
+
+
+def _header(message, name):
+    for key, value in message.headers:
+        if key == name:
+            return value
+    return None
+
+
+class Redelivery:
+    """What happens to a message that comes back, in one place:
+
+    - NACK with requeue:false -> its dead-letter queue (reason rejected);
+    - delivered max-redeliveries + 1 times already -> its dead-letter queue (max-redeliveries);
+      a lost connection counts as a delivery too, so a job that kills its worker every time
+      gets there as well;
+    - NACK with delay:MS -> back after MS; NACK or ack timeout -> back after the back-off
+      (redelivery-delay, doubled each time, at most max-redelivery-delay), or at once;
+    - UNSUBSCRIBE, connection lost -> back at once, to another consumer if one is ready.
+
+    A dead letter is never dead-lettered again (nor does it expire). Waiting out a back-off,
+    a message is in storage only, like a delayed one."""
+
+    def __init__(self, options, queues):
+        self.options = options
+        self.queues = queues
+        self.storage = None           # given at start (Broker.start)
+        self.schedule = None
+
+    # -- coming back ---------------------------------------------------------------------------
+
+    def nack(self, conn, frame):
+        how, delay = _nack_options(frame)
+        for queue in {self.came_back(in_flight, how, delay)
+                      for in_flight in self.queues.acked(conn, frame)}:
+            self.queues.redispatch(queue)
+
+    def timed_out(self, in_flight):
+        log.debug("message %d: ack timeout", in_flight.message.seq)
+        self.queues.redispatch(self.came_back(in_flight, TIMED_OUT))
+
+    def came_back(self, in_flight, how, delay=None):
+        """Take the message out of flight and decide where it goes; returns its Queue (to
+        dispatch again)."""
+        sub = self.queues.land(in_flight)
+        queue, message = sub.queue, in_flight.message
+        if not message.dead_letter:
+            if how == REJECTED:
+                self.dead_letter(queue, message, REJECTED)
+                return queue
+            limit = self.max_redeliveries(message)
+            if limit and message.deliveries > limit:
+                self.dead_letter(queue, message, MAX_REDELIVERIES)
+                return queue
+        if delay is None and how != LOST:
+            delay = self.back_off(message)
+        if delay:
+            self.defer(queue, message, delay)
+        else:
+            self.queues.requeue(queue, message, sub.conn)
+        return queue
+
+    def max_redeliveries(self, message):
+        limit = _header(message, "max-redeliveries")
+        return self.options.max_redeliveries if limit is None else int(limit)
+
+    def back_off(self, message):
+        """Milliseconds before the next redelivery: the first one waits redelivery-delay,
+        each further one twice as long as the last, up to max-redelivery-delay."""
+        first = _header(message, "redelivery-delay")
+        first = self.options.redelivery_delay if first is None else math.ceil(float(first))
+        if not first:
+            return 0
+        doublings = min(max(message.deliveries - 1, 0), 64)
+        return min(first * 2 ** doublings, self.options.max_redelivery_delay)
+
+    def defer(self, queue, message, delay):
+        """The message waits in storage, held by no consumer, until `delay` ms from now."""
+        message.due = pymq_storage.now_ms() + delay
+        queue.release(message.seq)
+        self.storage.update(message)
+        self.schedule.note_due(message.due)
+
+    def dead_letter(self, queue, message, reason):
+        """Move the message to its dead-letter queue (one commit: it is in exactly one of the
+        two after any crash), or drop it if it expired and --drop-expired says so. `queue` is
+        its Queue, or None if it is not in memory."""
+        if queue is not None:
+            queue.release(message.seq)
+        if reason == EXPIRED:
+            self.queues.stats["expired"] += 1
+            if self.options.drop_expired:
+                self.storage.delete(message.seq)
+                return
+        target = _header(message, "dead-letter-queue")
+        target = "DLQ." + message.queue if target is None else parse_destination(target)[1]
+        headers = [pair for pair in message.headers if pair[0] not in DEAD_LETTER_HEADERS]
+        headers += [("original-destination", "/queue/" + message.queue),
+                    ("dead-letter-reason", reason),
+                    ("original-redelivery-count", str(max(message.deliveries - 1, 0)))]
+        self.storage.dead_letter(message, target, headers)
+        self.queues.stats["dead_lettered"] += 1
+        log.debug("message %d: dead-lettered from %s to %s (%s)", message.seq, message.queue,
+                  target, reason)
+
+    def expired_found(self, messages):
+        """The sweep found these expired in storage (without bodies). Those in memory and in
+        flight stay with their consumer; those ready in memory leave the buffer."""
+        by_queue = {}
+        for message in messages:
+            by_queue.setdefault(message.queue, []).append(message)
+        for name, found in by_queue.items():
+            queue = self.queues.queues.get(name)
+            if queue.__class__ is not Queue:
+                for message in found:
+                    self.dead_letter(None, message, EXPIRED)
+                continue
+            ready = {entry[1].seq: entry[1] for entry in queue.ready}
+            doomed = set()
+            for message in found:
+                if message.seq in ready:
+                    doomed.add(message.seq)
+                elif not (queue.held and message.seq in queue.held):
+                    self.dead_letter(queue, message, EXPIRED)
+            if doomed:
+                queue.ready = [entry for entry in queue.ready if entry[1].seq not in doomed]
+                heapq.heapify(queue.ready)
+                for seq in doomed:
+                    self.dead_letter(queue, ready[seq], EXPIRED)
+                self.queues.redispatch(queue)
+
+    # -- lease extension -----------------------------------------------------------------------
+
+    def touch(self, conn, message_id, timeout):
+        """Extend the ack timeout of a message in flight on `conn` to `timeout` seconds from
+        now (None: its own timeout); False if it is not in flight there. Not a redelivery."""
+        in_flight = conn.in_flight.get(message_id)
+        if in_flight is None:
+            return False
+        if timeout is None:
+            timeout = in_flight.message.ack_timeout or self.options.ack_timeout
+        if timeout:
+            self.queues.clock.schedule(in_flight, time.monotonic() + timeout)
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Control destinations: a SEND to /control/... is a request, answered in the headers of its
+# RECEIPT (ocamlmq's count-msgs and count-subscribers; purge, move and touch are pymq's). Until
+# users and permissions exist, any connected client may use them all.
+# ---------------------------------------------------------------------------------------------
+
+class Control:
+    def __init__(self, broker):
+        self.broker = broker
+        # (destination prefix, handler of the rest of the name)
+        self._routes = (("count-subscribers/topic/", self.count_topic_subscribers),
+                        ("count-subscribers/queue/", self.count_queue_subscribers),
+                        ("count-msgs/queue/", self.count_messages),
+                        ("purge/queue/", self.purge),
+                        ("move/queue/", self.move))
+
+    def handle(self, conn, name, frame):
+        if name == "touch":
+            return self.touch(conn, frame)
+        for prefix, handler in self._routes:
+            if name.startswith(prefix) and len(name) > len(prefix):
+                return handler(name[len(prefix):], frame)
+        raise ProtocolError("unknown control destination /control/%s" % name[:100])
+
+    def count_topic_subscribers(self, topic, frame):
+        return {"num-subscribers": str(len(self.broker.topics.matching(topic)))}
+
+    def count_queue_subscribers(self, queue, frame):
+        return {"num-subscribers": str(self.broker.queues.count_subscribers(queue))}
+
+    def count_messages(self, queue, frame):
+        """Stored and not ACKed (in flight and delayed included, expired never); of them,
+        those not yet due."""
+        messages, delayed = self.broker.storage.count(queue)
+        return {"num-messages": str(messages), "num-delayed": str(delayed)}
+
+    def purge(self, queue, frame):
+        """Delete the queue's stored messages, but those in flight."""
+        storage = self.broker.storage
+        below = storage.next_seq
+        keep = self.broker.queues.hand_over(queue, below)
+        purged = self._stored(storage.purge, queue, keep, below)
+        self._redispatch(queue)
+        return {"num-purged": str(purged)}
+
+    def move(self, source, frame):
+        """Move up to `max` of the queue's stored messages (but those in flight), oldest
+        first, to the queue `to`, fresh: for replaying a dead-letter queue."""
+        headers = frame.headers
+        to = headers.get("to")
+        if to is None:
+            raise ProtocolError("/control/move needs a to header: the queue to move to")
+        kind, target = parse_destination(to)
+        if kind != "queue" or target == source:
+            raise ProtocolError("to must be another /queue/ destination, not %r" % to[:100])
+        limit = headers.get("max")
+        if limit is not None:
+            if not (limit.isascii() and limit.isdigit() and len(limit) < 19):
+                raise ProtocolError("max must be a non-negative integer, not %r" % limit[:30])
+            limit = int(limit)
+        storage = self.broker.storage
+        below = storage.next_seq
+        keep = self.broker.queues.hand_over(source, below)
+        moved = self._stored(storage.move, source, target, limit, keep, below)
+        self._redispatch(source)
+        return {"num-moved": str(moved)}
+
+    def touch(self, conn, frame):
+        """Extend the ack timeout of a message in flight on this connection."""
+        headers = frame.headers
+        message_id = headers.get("message-id", headers.get("ack"))
+        if message_id is None:
+            raise ProtocolError("/control/touch needs a message-id (or ack) header")
+        timeout = headers.get("ack-timeout")
+        if timeout is not None:
+            try:
+                timeout = float(timeout)
+            except ValueError:
+                timeout = -1.0
+            if not 0 < timeout < 1e9:
+                raise ProtocolError("ack-timeout must be a positive number of seconds, not %r"
+                                    % headers["ack-timeout"][:20])
+        touched = self.broker.redelivery.touch(conn, message_id, timeout)
+        return {"touched": "true" if touched else "false"}
+
+    @staticmethod
+    def _stored(operation, *args):
+        try:
+            return operation(*args)
+        except pymq_storage.StorageError as error:
+            raise ProtocolError("not done: %s" % error)
+
+    def _redispatch(self, name):
+        queue = self.broker.queues.queues.get(name)
+        if queue.__class__ is Queue:
+            self.broker.queues.redispatch(queue)
+
+
+# ---------------------------------------------------------------------------------------------
+# Broker: the one shared object, the glue. It routes each frame to topics, queues, the
+# message's life or control destinations; owns connections' sessions and transactions; never
+# touches a socket: it calls Connection.send(), send_receipt() and close(), and the storage.
+# ---------------------------------------------------------------------------------------------
+
+MAX_TRANSACTION_FRAMES = 10000   # bounds the memory a client can park in an open transaction
 
 
 class Broker:
@@ -559,26 +1642,19 @@ class Broker:
         self.connections = set()
         self.recv_buffer = memoryview(bytearray(RECV_SIZE))   # shared by connections' readers
         self._sessions = itertools.count(1)
-        # Topic message ids: unique across restarts because each start gets its own prefix.
-        # Queue message ids are the stored sequence numbers, unique across restarts too.
+        # Session ids and topic message ids: unique across restarts, each start has its own
+        # prefix. Queue message ids are the stored sequence numbers, unique across restarts too.
         self._id_prefix = "%x-" % time.time_ns()
-        self._message_seq = itertools.count(1)
-        self.topics = {}            # topic name -> subscriptions (exact), see _members()
-        self.prefixes = {}          # "prefix*" -> subscriptions of /topic/prefix*
-        self.prefix_lengths = {}    # prefix length -> how many prefixes have it
-        # queue name -> Queue, only while it has subscribers; or its only QueueSubscription,
-        # while nothing of the queue is stored or in memory (see _settle)
-        self.queues = {}
-        # queue name -> seqs of messages that were in flight when the queue lost its last
-        # subscriber: all an idle queue keeps in memory, so that they come back redelivered.
-        self.returned = {}
-        self._timers = []           # heap of (deadline, n, InFlight): the ack-timeout clock
-        self._dead_timers = 0       # entries whose message was ACKed or returned meanwhile
-        self._timer_ids = itertools.count()
-        self._timer_wake = gevent.event.Event()
-        self._timer_loop = None
         self.stats = dict.fromkeys(("connections", "messages_in", "messages_out", "redelivered",
-                                    "protocol_errors", "slow_consumers", "refused"), 0)
+                                    "dead_lettered", "expired", "protocol_errors",
+                                    "slow_consumers", "refused"), 0)
+        self.clock = Clock()
+        self.topics = Topics(self._id_prefix, self.stats)
+        self.queues = Queues(self.options, self.clock, self.stats)
+        self.redelivery = Redelivery(self.options, self.queues)
+        self.queues.redelivery = self.redelivery
+        self.schedule = None
+        self.control = Control(self)
         self._handlers = {
             "SEND": self.on_send, "SUBSCRIBE": self.on_subscribe,
             "UNSUBSCRIBE": self.on_unsubscribe, "ACK": self.on_ack, "NACK": self.on_nack,
@@ -587,13 +1663,18 @@ class Broker:
         }
 
     def start(self):
-        self._timer_loop = gevent.spawn(self._run_timers)
-        self.storage.on_insert_failed = self._unsend
-        self.storage.on_probed = self._probed
+        storage = self.storage
+        self.queues.storage = self.redelivery.storage = storage
+        self.schedule = Schedule(self.clock, storage, self.redelivery)
+        self.queues.schedule = self.redelivery.schedule = self.schedule
+        storage.on_insert_failed = self.queues._unsend
+        storage.on_probed = self.queues._probed
+        storage.on_arrived = self.queues.arrived
+        self.clock.start()
+        self.schedule.start()
 
     def stop(self):
-        if self._timer_loop is not None:
-            self._timer_loop.kill()
+        self.clock.stop()
 
     # -- connections -------------------------------------------------------------------------
 
@@ -624,6 +1705,8 @@ class Broker:
                         raise ProtocolError("a /control/ destination cannot be in a transaction")
                 else:
                     _ack_id(conn, frame)
+                    if frame.command == "NACK":
+                        _nack_options(frame)
                 self._in_transaction(conn, tx).append(frame)
                 answer = None
             else:
@@ -679,90 +1762,20 @@ class Broker:
             conn.send_receipt({"receipt-id": receipt}, after=self.storage.barrier())
         conn.close()
 
-    # -- SEND ----------------------------------------------------------------------------------
+    def drained(self, conn):
+        self.queues.drained(conn)
+
+    # -- frames --------------------------------------------------------------------------------
 
     def on_send(self, conn, frame):
         kind, name = parse_destination(frame.headers.get("destination"))
         self.stats["messages_in"] += 1
         if kind == "topic":
-            self.publish(name, frame)
+            self.topics.publish(name, frame)
         elif kind == "control":
-            return self.control(name)
+            return self.control.handle(conn, name, frame)
         else:
-            return self.enqueue(name, frame)
-
-    def publish(self, topic, frame):
-        """Broadcast a SEND to every subscription matching `topic`."""
-        subs = self.topic_subscriptions(topic)
-        if not subs:
-            return
-        message_id = "%s%d" % (self._id_prefix, next(self._message_seq))
-        id_line = ("message-id:%s\n" % message_id).encode()
-        ack_line = ("ack:%s\n" % message_id).encode()
-        user_headers = [(k, v) for k, v in frame.headers.items() if k not in _NOT_FORWARDED]
-        user_headers.append(("destination", "/topic/" + topic))
-        rests = {}          # per protocol version: the encoded headers and body, shared by all
-        for sub in subs:
-            version = sub.conn.version
-            rest = rests.get(version)
-            if rest is None:
-                rest = rests[version] = encode_rest(user_headers, frame.body, version,
-                                                    escaped=version != "1.0")
-            if sub.ack != "auto" and version == "1.2":
-                sub.conn.send((sub.header, id_line, ack_line, rest))
-            else:
-                sub.conn.send((sub.header, id_line, rest))
-        self.stats["messages_out"] += len(subs)
-
-    def topic_subscriptions(self, topic):
-        """Subscriptions a message to `topic` reaches: the exact ones, then the prefix ones."""
-        subs = list(_members(self.topics.get(topic)))
-        for length in self.prefix_lengths:
-            if length <= len(topic):
-                subs.extend(_members(self.prefixes.get(topic[:length] + "*")))
-        return subs
-
-    def enqueue(self, name, frame):
-        """Store a SEND to a queue; returns (the Batch that makes it durable, the message).
-        The message may be delivered before that: an ACK that comes first cancels the write."""
-        headers = frame.headers
-        priority, ack_timeout = _send_options(headers)
-        user_headers = [(k, v) for k, v in headers.items() if k not in _NOT_FORWARDED]
-        try:
-            message = self.storage.new_message(name, priority, ack_timeout, user_headers,
-                                               frame.body)
-        except pymq_storage.StorageError as error:
-            raise ProtocolError("message not stored: %s" % error)
-        batch = self.storage.save(message)
-        queue = self._queue(name)
-        if queue is not None:
-            # In memory only if the buffer invariant needs it (or it costs no storage read).
-            if (queue.refilling or queue.exhausted
-                    or (queue.cursor is not None and message.key < queue.cursor)):
-                self._make_ready(queue, message)
-            self._dispatch(queue)
-        # Backpressure: past the async budget, this sender's reads wait for the writer.
-        self.storage.wait_for_budget(self.options.async_budget)
-        return batch, message
-
-    def control(self, name):
-        """A SEND to /control/NAME: the answer goes into the RECEIPT's headers."""
-        for prefix in ("count-subscribers/topic/", "count-subscribers/queue/",
-                       "count-msgs/queue/"):
-            if name.startswith(prefix) and len(name) > len(prefix):
-                target = name[len(prefix):]
-                break
-        else:
-            raise ProtocolError("unknown control destination /control/%s" % name[:100])
-        if prefix == "count-subscribers/topic/":
-            return {"num-subscribers": str(len(self.topic_subscriptions(target)))}
-        if prefix == "count-subscribers/queue/":
-            queue = self.queues.get(target)
-            count = 0 if queue is None else 1 if queue.__class__ is not Queue else len(queue.subs)
-            return {"num-subscribers": str(count)}
-        return {"num-messages": str(self.storage.count(target)[0])}
-
-    # -- SUBSCRIBE / UNSUBSCRIBE ---------------------------------------------------------------
+            return self.queues.enqueue(name, frame)
 
     def on_subscribe(self, conn, frame):
         headers = frame.headers
@@ -783,40 +1796,10 @@ class Broker:
                 raise ProtocolError("subscription id %r is already in use" % sub_id[:100])
             self._remove_subscription(existing)     # re-subscribing replaces, e.g. the ack mode
         if kind == "queue":
-            sub = QueueSubscription(conn, sub_id, name, ack, self._prefetch(headers))
-            conn.subscriptions[sub.id] = sub
-            queue = self._queue(name)
-            if queue is None and name not in self.returned:
-                # The queue's first subscription stands alone for it while the store says
-                # whether it holds anything: no Queue unless it does.
-                self.queues[name] = sub
-                sub.queue = self.storage.probe_async(name)
-                return
-            if queue is None:
-                queue = self.queues[name] = Queue(name, self.returned.pop(name))
-            sub.queue = queue
-            queue.subs.append(sub)
-            self._dispatch(queue)
-            return
-        sub = Subscription(conn, sub_id, name, ack)
-        conn.subscriptions[sub.id] = sub
-        if name.endswith("*"):
-            if _index_add(self.prefixes, name, sub):
-                length = len(name) - 1
-                self.prefix_lengths[length] = self.prefix_lengths.get(length, 0) + 1
+            sub = self.queues.subscribe(conn, sub_id, name, ack, headers)
         else:
-            _index_add(self.topics, name, sub)
-
-    def _prefetch(self, headers):
-        limit = self.options.max_prefetch
-        for name in PREFETCH_HEADERS:
-            value = headers.get(name)
-            if value is not None:
-                value = value.strip()
-                digits = value.lstrip("0")
-                if value.isascii() and value.isdigit() and digits:
-                    return limit if len(digits) > len(str(limit)) else min(int(digits), limit)
-        return limit
+            sub = self.topics.subscribe(conn, sub_id, name, ack)
+        conn.subscriptions[sub.id] = sub
 
     def on_unsubscribe(self, conn, frame):
         headers = frame.headers
@@ -837,357 +1820,16 @@ class Broker:
         self._remove_subscription(sub)
 
     def _remove_subscription(self, sub):
-        """Final: nothing (a late ACK, a timeout) brings the subscription back."""
         if sub.kind == "queue":
-            queue = sub.queue
-            if queue.__class__ is not Queue:    # it stood alone for its queue: nothing else
-                del self.queues[sub.name]
-                return
-            queue.subs.remove(sub)
-            for in_flight in list(sub.in_flight.values() if sub.in_flight else ()):
-                self._return(in_flight)
-            if queue.subs:
-                self._dispatch(queue)
-            else:
-                del self.queues[queue.name]      # its messages are all in storage
-                returned = queue.returned or set()
-                returned.update(message.seq for _, message, previous in queue.ready
-                                if previous is not None)
-                if returned:
-                    self.returned[queue.name] = returned
-            return
-        name = sub.name
-        if name.endswith("*"):
-            if _index_remove(self.prefixes, name, sub):
-                length = len(name) - 1
-                count = self.prefix_lengths[length] - 1
-                if count:
-                    self.prefix_lengths[length] = count
-                else:
-                    del self.prefix_lengths[length]
+            self.queues.remove(sub)
         else:
-            _index_remove(self.topics, name, sub)
-
-    # -- queue delivery ------------------------------------------------------------------------
-
-    def _queue(self, name):
-        """The Queue `name`, or None if it has no subscribers. A queue settled into its only
-        subscription becomes a Queue again."""
-        queue = self.queues.get(name)
-        if queue is None or queue.__class__ is Queue:
-            return queue
-        sub = queue
-        queue = self.queues[name] = Queue(name, None)
-        # Settled: what _settle() required. Else a probe is out: the Queue refills instead.
-        queue.exhausted = sub.queue is None
-        sub.queue = queue
-        queue.subs.append(sub)
-        return queue
-
-    def _settle(self, queue):
-        """Let an idle queue's only subscription stand for it: nothing of the queue is stored
-        or in memory, so the Queue holds nothing but that subscription."""
-        if (len(queue.subs) == 1 and queue.exhausted and not queue.ready and not queue.held
-                and not queue.returned and not queue.refilling
-                and self.queues.get(queue.name) is queue):
-            sub = queue.subs[0]
-            sub.queue = None
-            self.queues[queue.name] = sub
-
-    def _make_ready(self, queue, message, previous=None):
-        heapq.heappush(queue.ready, (message.key, message, previous))
-        if queue.held is None:
-            queue.held = set()
-        queue.held.add(message.seq)
-
-    def _trim(self, queue):
-        """Keep the buffer bounded: forget the last fresh messages (they are in storage) and
-        move the cursor back before them. Redelivered ones stay, to keep their mark. Never
-        during a refill, whose result would move the cursor past what was forgotten."""
-        entries = sorted(queue.ready)
-        kept = entries[:REFILL_BATCH]
-        for entry in entries[REFILL_BATCH:]:
-            if entry[2] is not None:
-                kept.append(entry)
-            else:
-                queue.held.discard(entry[1].seq)
-        boundary = entries[REFILL_BATCH - 1][0]
-        queue.cursor = boundary if queue.cursor is None else min(queue.cursor, boundary)
-        queue.exhausted = False
-        heapq.heapify(kept)
-        queue.ready = kept
-
-    def _dispatch(self, queue):
-        """Deliver ready messages round-robin to subscriptions that can take one."""
-        ready = queue.ready
-        while ready and self._in_order(queue, ready[0][0]):
-            sub = self._next_subscription(queue, avoid=ready[0][2])
-            if sub is None:
-                break
-            _, message, previous = heapq.heappop(ready)
-            self._deliver(queue, sub, message, redelivered=previous is not None)
-        if queue.refilling:
-            return
-        if queue.exhausted and not ready:
-            self._settle(queue)
-        elif len(ready) > 2 * REFILL_BATCH:
-            self._trim(queue)
-        elif not queue.exhausted and (len(ready) < REFILL_BATCH // 2
-                                      or (ready and not self._in_order(queue, ready[0][0]))):
-            if not ready and not any(self._can_take(sub, queue) for sub in queue.subs):
-                # Nobody can take a message now: load when someone can (an ACK, a drained
-                # backlog, a new subscriber dispatch again), not to hold it in memory meanwhile.
-                return
-            queue.refilling = self.storage.load_async(queue.name, queue.cursor, REFILL_BATCH,
-                                                      self._refilled)
-
-    @staticmethod
-    def _in_order(queue, key):
-        """No message still only in storage comes before `key`."""
-        return queue.exhausted or (queue.cursor is not None and key <= queue.cursor)
-
-    def _next_subscription(self, queue, avoid=None):
-        """The next ready subscription in round-robin order, another connection than `avoid`
-        (a redelivered message's last consumer) when one is ready."""
-        subs = queue.subs
-        count = len(subs)
-        fallback = None
-        for i in range(count):
-            index = (queue.next_sub + i) % count
-            sub = subs[index]
-            if self._can_take(sub, queue):
-                if sub.conn is avoid and fallback is None:
-                    fallback = index
-                    continue
-                queue.next_sub = index + 1
-                return sub
-        if fallback is not None:
-            queue.next_sub = fallback + 1
-            return subs[fallback]
-        return None
-
-    @staticmethod
-    def _can_take(sub, queue):
-        """Whether `sub` can take a message of `queue` now. If its connection's backlog is
-        what stops it, the queue is noted: once the backlog is written, it dispatches again
-        (Broker.drained)."""
-        if sub.ready():
-            return True
-        conn = sub.conn
-        if not conn.closing and conn.backlog >= QUEUE_BACKLOG:
-            if conn.starved is None:
-                conn.starved = set()
-            conn.starved.add(queue)
-        return False
-
-    def _deliver(self, queue, sub, message, redelivered):
-        conn = sub.conn
-        message_id = str(message.seq)
-        extra = "message-id:%s\n" % message_id
-        if sub.ack != "auto":
-            if conn.version == "1.2":
-                extra += "ack:%s\n" % message_id
-            timeout = message.ack_timeout or self.options.ack_timeout
-            in_flight = InFlight(message, sub, time.monotonic() + timeout if timeout else None)
-            if sub.in_flight is None:
-                sub.in_flight = {}
-            sub.in_flight[message_id] = in_flight
-            conn.in_flight[message_id] = in_flight
-            if timeout:
-                self._add_timer(in_flight)
-        else:
-            self._forget(queue, message.seq)        # auto: acknowledged once sent
-        if redelivered:
-            extra += "redelivered:true\n"
-            self.stats["redelivered"] += 1
-        headers = message.headers + [("destination", "/queue/" + queue.name)]
-        conn.send((sub.header, extra.encode(),
-                   encode_rest(headers, message.body, conn.version, conn.version != "1.0")))
-        self.stats["messages_out"] += 1
-
-    def _forget(self, queue, seq):
-        """The message is done with: delete it from storage and from the queue's memory.
-        Returns the storage Batch that makes the deletion durable."""
-        if queue.held:
-            queue.held.discard(seq)
-        if queue.returned:
-            queue.returned.discard(seq)
-        if queue.refilling:
-            if queue.acked_while_refilling is None:
-                queue.acked_while_refilling = set()
-            queue.acked_while_refilling.add(seq)
-        return self.storage.delete(seq)
-
-    def _land(self, in_flight):
-        """Take a message out of flight; returns the subscription it was in flight to."""
-        sub = in_flight.sub
-        message_id = str(in_flight.message.seq)
-        del sub.in_flight[message_id]
-        del sub.conn.in_flight[message_id]
-        in_flight.sub = None
-        if in_flight.deadline is not None:
-            self._dead_timers += 1
-        return sub
-
-    def _return(self, in_flight):
-        """Put a message in flight back into its queue, marked redelivered."""
-        sub = self._land(in_flight)
-        queue = sub.queue
-        if self.queues.get(queue.name) is queue:
-            heapq.heappush(queue.ready, (in_flight.message.key, in_flight.message, sub.conn))
-        return queue
-
-    def _probed(self, batch, held):
-        """The storage answered the probes of subscriptions standing alone for their queues
-        (held: the names of those holding messages; None if the store failed)."""
-        for name in batch.probes:
-            sub = self.queues.get(name)
-            if sub is None or sub.__class__ is Queue or sub.queue is not batch:
-                continue                    # gone, or probed again since
-            if held is not None and name not in held:
-                sub.queue = None            # nothing stored: settled as it is
-            else:
-                self._dispatch(self._queue(name))       # a Queue, to load what is stored
-
-    def _refilled(self, load, messages):
-        """The storage answered a refill (messages is None if it failed); ignored unless it
-        is the one the queue, still active, waits for."""
-        queue = self.queues.get(load.queue)
-        if queue.__class__ is not Queue or queue.refilling is not load:
-            return
-        queue.refilling = False
-        acked, queue.acked_while_refilling = queue.acked_while_refilling, None
-        if messages is None:
-            log.error("queue %s: cannot load messages; trying again in %g s",
-                      queue.name, REFILL_RETRY)
-            gevent.spawn_later(REFILL_RETRY, self._redispatch, queue)
-            return
-        budget = REFILL_BYTES
-        for message in messages:
-            queue.cursor = message.key
-            if (queue.held and message.seq in queue.held) or (acked and message.seq in acked):
-                continue
-            previous = None
-            if queue.returned and message.seq in queue.returned:
-                queue.returned.discard(message.seq)
-                previous = REDELIVERED
-            self._make_ready(queue, message, previous)
-            budget -= message.size
-            if budget <= 0:
-                break
-        else:
-            queue.exhausted = len(messages) < REFILL_BATCH
-        self._dispatch(queue)
-
-    def _unsend(self, messages):
-        """Their inserts failed and their senders got an ERROR: those still ready must not be
-        delivered (a sender that tries again would cause a duplicate)."""
-        failed = {}
-        for message in messages:
-            failed.setdefault(message.queue, set()).add(message.seq)
-        for name, seqs in failed.items():
-            queue = self.queues.get(name)
-            if queue is None or queue.__class__ is not Queue or not queue.ready:
-                continue
-            kept = [entry for entry in queue.ready if entry[1].seq not in seqs]
-            if len(kept) < len(queue.ready):
-                heapq.heapify(kept)
-                queue.ready = kept
-                queue.held -= seqs
-
-    def _redispatch(self, queue):
-        """Dispatch, unless the queue has lost its subscribers (and its Queue) meanwhile."""
-        if self.queues.get(queue.name) is queue:
-            self._dispatch(queue)
-
-    def drained(self, conn):
-        """The connection's outbound buffer emptied: the queues that skipped it for its
-        backlog may deliver again; only those, and only until it is backlogged again (a
-        connection may have a million queues)."""
-        starved, conn.starved = conn.starved, None
-        while starved and conn.backlog < QUEUE_BACKLOG and not conn.closing:
-            self._redispatch(starved.pop())
-        if starved:
-            if conn.starved is None:
-                conn.starved = starved
-            else:
-                conn.starved |= starved
-
-    # -- ACK / NACK ----------------------------------------------------------------------------
-
-    def _acked(self, conn, frame):
-        """The in-flight messages an ACK or NACK frame covers: one, or in `client` mode every
-        earlier one of the same subscription too. Unknown ids cover nothing (ignored quietly:
-        ocamlmq-style clients ACK even in auto mode, and a late ACK is harmless)."""
-        in_flight = conn.in_flight.get(_ack_id(conn, frame))
-        if in_flight is None:
-            return []
-        sub = in_flight.sub
-        if sub.ack != "client":
-            return [in_flight]
-        covered = []
-        for other in sub.in_flight.values():
-            covered.append(other)
-            if other is in_flight:
-                return covered
+            self.topics.remove(sub)
 
     def on_ack(self, conn, frame):
-        """The RECEIPT of an ACK waits until the deletion is durable: a message whose ACK was
-        receipted is never delivered again, crash or not. The ACK also settles the RECEIPT
-        its sender may still be waiting for: a consumed message cannot be lost any more
-        (ActiveMQ's concurrent store and dispatch; the sender need not wait for the disk)."""
-        queues = set()
-        batch = None
-        for in_flight in self._acked(conn, frame):
-            sub = self._land(in_flight)
-            message = in_flight.message
-            deleted = self._forget(sub.queue, message.seq)
-            if deleted is not None:     # None: it cancelled the insert, nothing to wait for
-                batch = deleted
-            sender = message.sender
-            if sender is not None:
-                message.sender = None
-                sender.receipts_ready()
-            queues.add(sub.queue)
-        for queue in queues:
-            self._redispatch(queue)
-        return batch
+        return self.queues.ack(conn, frame)
 
     def on_nack(self, conn, frame):
-        for queue in {self._return(in_flight) for in_flight in self._acked(conn, frame)}:
-            self._redispatch(queue)
-
-    # -- the ack-timeout clock -----------------------------------------------------------------
-
-    def _add_timer(self, in_flight):
-        timers = self._timers
-        heapq.heappush(timers, (in_flight.deadline, next(self._timer_ids), in_flight))
-        if timers[0][2] is in_flight:
-            self._timer_wake.set()      # a new earliest deadline
-        if self._dead_timers > 1000 and self._dead_timers > len(timers) // 2:
-            self._timers = [entry for entry in timers if entry[2].sub is not None]
-            heapq.heapify(self._timers)
-            self._dead_timers = 0
-
-    def _run_timers(self):
-        """One greenlet for every ack timeout: sleep until the earliest deadline, return what
-        has expired, repeat. An ACK just leaves a dead entry behind."""
-        while True:
-            now = time.monotonic()
-            timers = self._timers
-            queues = set()
-            while timers and timers[0][0] <= now:
-                in_flight = heapq.heappop(timers)[2]
-                if in_flight.sub is None:
-                    self._dead_timers -= 1
-                else:
-                    log.debug("message %d: ack timeout", in_flight.message.seq)
-                    in_flight.deadline = None       # out of the heap already: not a dead entry
-                    queues.add(self._return(in_flight))
-            for queue in queues:
-                self._redispatch(queue)
-            self._timer_wake.clear()
-            self._timer_wake.wait(timers[0][0] - now if timers else None)
+        self.redelivery.nack(conn, frame)
 
     # -- transactions --------------------------------------------------------------------------
 
@@ -1232,67 +1874,6 @@ class Broker:
     def on_abort(self, conn, frame):
         self._transaction(conn, self._transaction_header(frame))
         del conn.transactions[frame.headers["transaction"]]
-
-
-def _ack_id(conn, frame):
-    """The message an ACK or NACK names: by `id` in STOMP 1.2, by `message-id` before."""
-    key = "id" if conn.version == "1.2" else "message-id"
-    message_id = frame.headers.get(key)
-    if message_id is None:
-        raise ProtocolError("%s needs a %s header" % (frame.command, key))
-    return message_id
-
-
-def _send_options(headers):
-    """(priority, ack_timeout) of a queue SEND; ProtocolError if either is invalid."""
-    priority = headers.get("priority", DEFAULT_PRIORITY)
-    if not (priority.isascii() and priority.isdigit() and len(priority.lstrip("0")) <= 1):
-        raise ProtocolError("priority must be an integer from 0 to 9, not %r" % priority[:20])
-    try:
-        ack_timeout = float(headers.get("ack-timeout", 0))
-    except ValueError:
-        ack_timeout = -1.0
-    if not 0 <= ack_timeout < 1e9:
-        raise ProtocolError("ack-timeout must be a number of seconds, not %r"
-                            % headers["ack-timeout"][:20])
-    return int(priority.lstrip("0") or "0"), ack_timeout
-
-
-def _members(entry):
-    """The subscriptions of an index entry: None, one Subscription, or a dict of them (most
-    topics have one subscriber; a dict per topic would triple its cost)."""
-    if entry is None:
-        return ()
-    if type(entry) is dict:
-        return entry
-    return (entry,)
-
-
-def _index_add(index, key, sub):
-    """Add `sub` under `key`; sub.name becomes the index's key string (one copy)."""
-    entry = index.get(key)
-    if entry is None:
-        index[key] = sub
-        return True
-    if type(entry) is dict:
-        sub.name = next(iter(entry)).name
-        entry[sub] = None
-    else:
-        sub.name = entry.name
-        index[key] = {entry: None, sub: None}
-    return False
-
-
-def _index_remove(index, key, sub):
-    """Remove `sub` from under `key`; True when the key is gone."""
-    entry = index[key]
-    if entry is sub:
-        del index[key]
-        return True
-    del entry[sub]
-    if len(entry) == 1:
-        index[key] = next(iter(entry))
-    return False
 
 
 def parse_destination(destination):

@@ -814,7 +814,7 @@ class FuzzBroker:
         assert not self.trap.records, "broker logged: %s" % self.trap.records
         assert not self.hub_errors, "greenlets died: %s" % self.hub_errors
         server = self.broker.server
-        assert self.broker.call(lambda: not server.broker._timer_loop.dead
+        assert self.broker.call(lambda: not server.broker.clock._greenlet.dead
                                 and not server.storage._committer.dead), \
             "timer loop or storage committer died"
 
@@ -824,16 +824,16 @@ class FuzzBroker:
                                          sorted(c.peer for c in server.broker.connections)))
 
     def leftovers(self, ns):
-        """What the broker still holds once every client has left. Returned messages are
-        counted for the namespace only: an example that failed half-way leaves its own."""
+        """What the broker still holds once every client has left: no subscription, no queue,
+        no ack timer."""
         def look():
             broker = self.broker.server.broker
-            live_timers = [entry for entry in broker._timers if entry[2].sub is not None]
-            return dict(topics=dict(broker.topics), prefixes=dict(broker.prefixes),
-                        prefix_lengths=dict(broker.prefix_lengths),
-                        queues=sorted(broker.queues),
-                        returned={name: seqs for name, seqs in broker.returned.items()
-                                  if name.startswith(ns + "-")},
+            live_timers = [entry for entry in broker.clock._heap
+                           if isinstance(entry[2], pymq.InFlight) and entry[2].deadline == entry[0]]
+            topics = broker.topics
+            return dict(topics=dict(topics.exact), prefixes=dict(topics.prefixes),
+                        prefix_lengths=dict(topics.prefix_lengths),
+                        queues=sorted(broker.queues.queues),
                         live_timers=len(live_timers),
                         connections=len(self.broker.server.connections),
                         broker_connections=len(broker.connections))
@@ -1096,7 +1096,7 @@ def check_random_traffic(fuzz, script, ns):
     peer = "%s:%s" % client.sock.getsockname()[:2]
     assert fuzz.peers() == ([peer], [peer])
     assert fuzz.broker.call(lambda: [name for name, queue
-                                     in fuzz.broker.server.broker.queues.items()
+                                     in fuzz.broker.server.broker.queues.queues.items()
                                      if isinstance(queue, pymq.Queue)
                                      and not queue.subs]) == []
     client.request("DISCONNECT")
@@ -1104,7 +1104,7 @@ def check_random_traffic(fuzz, script, ns):
     client.close()
     wait_until(lambda: fuzz.peers() == ([], []), what="fresh client released")
     assert fuzz.leftovers(ns) == dict(topics={}, prefixes={}, prefix_lengths={}, queues=[],
-                                    returned={}, live_timers=0, connections=0,
+                                    live_timers=0, connections=0,
                                     broker_connections=0)
     fuzz.check_healthy()
 
