@@ -924,7 +924,8 @@ class Queues:
             if timeout:
                 self.clock.schedule(in_flight, time.monotonic() + timeout)
             message.deliveries = deliveries + 1
-            self.storage.update(message)     # in a later batch: the MESSAGE does not wait
+            if self.storage.count_delivery(message):    # later: the MESSAGE does not wait
+                self.schedule.counted()
         else:
             self.forget(queue, message.seq)     # auto: acknowledged once sent
         if deliveries:
@@ -1134,6 +1135,10 @@ PROMOTE_BATCH = 10000     # due messages made ready per batch
 KEYS_INTERVAL = 10.0      # seconds between purges of de-duplication keys past their window
 KEYS_BATCH = 10000        # keys forgotten per batch
 STORE_RETRY = 1.0         # seconds before timed work whose batch failed is tried again
+# Delivery counts are held this long before they are written: most messages are ACKed sooner,
+# and a consumed message needs no count (Storage.count_delivery). A RECEIPT asked for after a
+# MESSAGE writes them at once (Broker.handle), so that it means the count is durable too.
+COUNT_HOLD = 0.05
 
 
 class Timer:
@@ -1226,7 +1231,8 @@ class Schedule:
     - expired messages are swept out of the store (to their dead-letter queue, or dropped)
       every SWEEP_INTERVAL, SWEEP_BATCH at a time, so that an idle queue's expired message
       goes within seconds; those in flight are left to their consumer;
-    - de-duplication keys past their window are forgotten every KEYS_INTERVAL."""
+    - de-duplication keys past their window are forgotten every KEYS_INTERVAL;
+    - delivery counts are written COUNT_HOLD after the first one still held."""
 
     def __init__(self, clock, storage, redelivery):
         self.clock = clock
@@ -1239,6 +1245,7 @@ class Schedule:
         self._sweep = Timer(self._start_sweep)
         self._sweep_after = None      # where the sweep continues, within one round
         self._forget = Timer(self._start_forget)
+        self._counts = Timer(storage.release_counts)
 
     def start(self):
         # What fell due while the broker was down goes first; the answer says what is next.
@@ -1254,6 +1261,11 @@ class Schedule:
         elif self.next_due is None or due < self.next_due:
             self.next_due = due
             self.clock.schedule(self._promote, _monotonic_at(due))
+
+    def counted(self):
+        """A delivery count is held: written within COUNT_HOLD."""
+        if self._counts.deadline is None:
+            self.clock.schedule(self._counts, time.monotonic() + COUNT_HOLD)
 
     def _start_promote(self):
         self._promoting, self._noted = True, None
@@ -1312,6 +1324,9 @@ DEAD_LETTER_HEADERS = ("original-destination", "dead-letter-reason", "original-r
 DELAY_HEADERS = ("delay", "x-delay", "AMQ_SCHEDULED_DELAY")
 TTL_HEADERS = ("ttl", "expiration")
 MAX_MS = 10 ** 15           # about 31,000 years: a bound on any time in milliseconds
+_TASK_HEADERS = frozenset(DELAY_HEADERS + TTL_HEADERS + (
+    "deliver-at", "expires", "redelivery-delay", "max-redeliveries", "dead-letter-queue",
+    "dedup-id"))
 
 
 def _milliseconds(headers, names, what):
@@ -1337,6 +1352,7 @@ def _send_options(headers):
     priority = headers.get("priority", DEFAULT_PRIORITY)
     if not (priority.isascii() and priority.isdigit() and len(priority.lstrip("0")) <= 1):
         raise ProtocolError("priority must be an integer from 0 to 9, not %r" % priority[:20])
+    priority = int(priority.lstrip("0") or "0")
     try:
         ack_timeout = float(headers.get("ack-timeout", 0))
     except ValueError:
@@ -1344,34 +1360,34 @@ def _send_options(headers):
     if not 0 <= ack_timeout < 1e9:
         raise ProtocolError("ack-timeout must be a number of seconds, not %r"
                             % headers["ack-timeout"][:20])
-    due = expires = 0
-    if len(headers) > 1:        # a destination and nothing else is the common case
-        delay = _milliseconds(headers, DELAY_HEADERS, "a number of milliseconds")
-        deliver_at = _milliseconds(headers, ("deliver-at",), "a time in epoch milliseconds")
-        ttl = _milliseconds(headers, TTL_HEADERS, "a number of milliseconds")
-        expires = _milliseconds(headers, ("expires",), "a time in epoch milliseconds "
-                                "(0: never)") or 0
-        if delay or deliver_at or ttl:
-            now = pymq_storage.now_ms()
-            # Not before any of the times given, nor after any.
-            due = max(now + (delay or 0), deliver_at or 0)
-            due = 0 if due <= now else due
-            if ttl is not None:
-                expires = min(expires, now + ttl) if expires else now + ttl
-        _milliseconds(headers, ("redelivery-delay",), "a number of milliseconds")
-        limit = headers.get("max-redeliveries")
-        if limit is not None and not (limit.isascii() and limit.isdigit() and len(limit) < 10):
-            raise ProtocolError("max-redeliveries must be a non-negative integer, not %r"
-                                % limit[:30])
-        target = headers.get("dead-letter-queue")
-        if target is not None and parse_destination(target)[0] != "queue":
-            raise ProtocolError("dead-letter-queue must be a /queue/ destination, not %r"
-                                % target[:100])
-        dedup_key = headers.get("dedup-id")
-        if dedup_key == "":
-            raise ProtocolError("dedup-id must not be empty")
-        return int(priority.lstrip("0") or "0"), ack_timeout, due, expires, dedup_key
-    return int(priority.lstrip("0") or "0"), ack_timeout, 0, 0, None
+    if _TASK_HEADERS.isdisjoint(headers):
+        return priority, ack_timeout, 0, 0, None        # the common case, at C speed
+    delay = _milliseconds(headers, DELAY_HEADERS, "a number of milliseconds")
+    deliver_at = _milliseconds(headers, ("deliver-at",), "a time in epoch milliseconds")
+    ttl = _milliseconds(headers, TTL_HEADERS, "a number of milliseconds")
+    expires = _milliseconds(headers, ("expires",), "a time in epoch milliseconds (0: never)")
+    expires = expires or 0
+    due = 0
+    if delay or deliver_at or ttl is not None:
+        now = pymq_storage.now_ms()
+        # Not before any of the times given, nor after any.
+        due = max(now + (delay or 0), deliver_at or 0)
+        due = 0 if due <= now else due
+        if ttl is not None:
+            expires = min(expires, now + ttl) if expires else now + ttl
+    _milliseconds(headers, ("redelivery-delay",), "a number of milliseconds")
+    limit = headers.get("max-redeliveries")
+    if limit is not None and not (limit.isascii() and limit.isdigit() and len(limit) < 10):
+        raise ProtocolError("max-redeliveries must be a non-negative integer, not %r"
+                            % limit[:30])
+    target = headers.get("dead-letter-queue")
+    if target is not None and parse_destination(target)[0] != "queue":
+        raise ProtocolError("dead-letter-queue must be a /queue/ destination, not %r"
+                            % target[:100])
+    dedup_key = headers.get("dedup-id")
+    if dedup_key == "":
+        raise ProtocolError("dedup-id must not be empty")
+    return priority, ack_timeout, due, expires, dedup_key
 
 
 def _nack_options(frame):
@@ -1441,6 +1457,7 @@ class Redelivery:
         if delay:
             self.defer(queue, message, delay)
         else:
+            self.storage.update(message)    # its count, before any reload of it
             self.queues.requeue(queue, message, sub.conn)
         return queue
 
@@ -1657,10 +1674,11 @@ class Broker:
         self.control = Control(self)
         self._handlers = {
             "SEND": self.on_send, "SUBSCRIBE": self.on_subscribe,
-            "UNSUBSCRIBE": self.on_unsubscribe, "ACK": self.on_ack, "NACK": self.on_nack,
-            "BEGIN": self.on_begin, "COMMIT": self.on_commit, "ABORT": self.on_abort,
-            "DISCONNECT": self.on_disconnect,
+            "UNSUBSCRIBE": self.on_unsubscribe, "ACK": self.queues.ack,
+            "NACK": self.redelivery.nack, "BEGIN": self.on_begin, "COMMIT": self.on_commit,
+            "ABORT": self.on_abort, "DISCONNECT": self.on_disconnect,
         }
+        self.drained = self.queues.drained      # a connection's backlog was written
 
     def start(self):
         storage = self.storage
@@ -1712,6 +1730,9 @@ class Broker:
             else:
                 answer = handler(conn, frame)
             receipt = frame.headers.get("receipt")
+            if receipt is not None:
+                # A RECEIPT after a MESSAGE means its delivery count is durable too.
+                self.storage.release_counts()
             if receipt is not None and frame.command != "DISCONNECT":
                 headers = {"receipt-id": receipt}
                 if isinstance(answer, dict):
@@ -1761,9 +1782,6 @@ class Broker:
             # ... and on everything it sent being stored, SENDs without receipt included.
             conn.send_receipt({"receipt-id": receipt}, after=self.storage.barrier())
         conn.close()
-
-    def drained(self, conn):
-        self.queues.drained(conn)
 
     # -- frames --------------------------------------------------------------------------------
 
@@ -1824,12 +1842,6 @@ class Broker:
             self.queues.remove(sub)
         else:
             self.topics.remove(sub)
-
-    def on_ack(self, conn, frame):
-        return self.queues.ack(conn, frame)
-
-    def on_nack(self, conn, frame):
-        self.redelivery.nack(conn, frame)
 
     # -- transactions --------------------------------------------------------------------------
 

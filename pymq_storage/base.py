@@ -380,6 +380,7 @@ class Storage:
         self._next_seq = None
         self._reserved = None       # sequence numbers below this are durably reserved
         self._pending = Batch()
+        self._deliveries = {}       # seq -> message: delivery counts held (count_delivery)
         self._wake = gevent.event.Event()
         self._committed = gevent.event.Event()
         self._committer = None
@@ -455,7 +456,9 @@ class Storage:
         """Queue the message for the next batch; returns the Batch to wait on for durability.
         dedup: (key, sent, until), epoch ms: store it only if no other message of its queue
         holds `key` with a window that is still open at `sent`; `until` ends its own."""
-        batch = self._use()
+        batch = self._pending
+        batch.used = True           # the hot path: _use() by hand
+        self._wake.set()
         batch.inserts[message.seq] = message
         if dedup is not None:
             batch.dedup[message.seq] = dedup
@@ -469,25 +472,47 @@ class Storage:
         be durable, or None if it cancelled the message's pending insert (nothing to wait
         for: the message is never written)."""
         batch = self._pending
-        batch.updates.pop(seq, None)
-        batch.dedup.pop(seq, None)
+        if batch.updates:
+            batch.updates.pop(seq, None)
+        if self._deliveries:
+            self._deliveries.pop(seq, None)
         message = batch.inserts.pop(seq, None)
         if message is not None:
+            if batch.dedup:
+                batch.dedup.pop(seq, None)
             size = message.size
             batch.bytes -= size
             self.pending_bytes -= size
             self.stats["cancelled"] += 1
             return None
-        batch = self._use()
+        batch.used = True           # the hot path: _use() by hand
         batch.deletes.append(seq)
+        self._wake.set()
         return batch
 
     def update(self, message):
         """Write the message's deliveries and due time in the next batch; nobody waits for it.
         A pending insert of the message carries them already."""
-        batch = self._pending
-        if message.seq not in batch.inserts:
+        self._deliveries.pop(message.seq, None)
+        if message.seq not in self._pending.inserts:
             self._use().updates[message.seq] = message
+
+    def count_delivery(self, message):
+        """Hold the message's new delivery count until release_counts(): a consumer's ACK
+        usually comes first and cancels it (a consumed message needs no count). A message
+        whose count matters sooner (it came back) gets update(). True if it is the first
+        count held since the last release."""
+        if message.seq not in self._pending.inserts:
+            held = self._deliveries
+            held[message.seq] = message
+            return len(held) == 1
+        return False
+
+    def release_counts(self):
+        """The delivery counts held so far go into the next batch."""
+        if self._deliveries:
+            self._use().updates.update(self._deliveries)
+            self._deliveries = {}
 
     def dead_letter(self, message, target, headers):
         """Move the message, if it is still in its queue, to queue `target` as a dead letter
@@ -715,6 +740,7 @@ class Storage:
         """Commit what is pending, then close the backend."""
         if self._committer is None:
             return
+        self.release_counts()
         self._closing = True
         self._wake.set()
         self._committer.join()

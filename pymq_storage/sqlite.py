@@ -57,6 +57,10 @@ CREATE INDEX dedup_until ON dedup (until);
 """
 COLUMNS = ("SELECT seq, queue, priority, ack_timeout, headers, body, due, expires, deliveries, "
            "dead_letter FROM messages ")
+# Rows are written by multi-row statements of these sizes (a batch of 100 inserts is three of
+# 32 and one of 4): one statement opens the table's and every index's cursors once for all its
+# rows, where executemany() would for each row; a few fixed sizes are compiled once each.
+CHUNKS = (256, 32, 4, 1)
 # Every message of a queue: the two partial indexes between them hold them all.
 OF_QUEUE = "((queue = :queue AND due = 0) OR (queue = :queue AND due > 0))"
 
@@ -69,6 +73,15 @@ def _script(db, script):
     for statement in script.split(";"):
         if statement.strip():
             db.execute(statement)
+
+
+def _chunks(rows):
+    """(size, rows) pieces of `rows`, of the CHUNKS sizes, largest first."""
+    start = 0
+    for size in CHUNKS:
+        while len(rows) - start >= size:
+            yield size, rows[start:start + size]
+            start += size
 
 
 def _message(row):
@@ -133,11 +146,20 @@ class SQLiteBackend(Backend):
                 if message.seq in dedup and not self._take_key(message, *dedup[message.seq]):
                     duplicates.add(message.seq)
             messages = [m for m in messages if m.seq not in duplicates]
-        if messages:
+        plain = [m for m in messages if not (m.due or m.expires or m.deliveries or m.dead_letter)]
+        for size, chunk in _chunks(plain):  # a message's life keeps its defaults: not sent
+            values = []
+            for m in chunk:
+                values += (m.seq, m.queue, m.priority, m.ack_timeout, json.dumps(m.headers),
+                           m.body)
+            self.db.execute("INSERT INTO messages (seq, queue, priority, ack_timeout, headers, "
+                            "body) VALUES " + ",".join(("(?, ?, ?, ?, ?, ?)",) * size), values)
+        if len(plain) < len(messages):
             self.db.executemany(
                 "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(m.seq, m.queue, m.priority, m.ack_timeout, json.dumps(m.headers), m.body,
-                  m.due, m.expires, m.deliveries, m.dead_letter) for m in messages])
+                  m.due, m.expires, m.deliveries, m.dead_letter) for m in messages
+                 if m.due or m.expires or m.deliveries or m.dead_letter])
         return duplicates
 
     def _take_key(self, message, key, sent, until):
@@ -198,7 +220,9 @@ class SQLiteBackend(Backend):
             "WHERE until <= ? LIMIT ?)", (op.now, op.limit)).rowcount
 
     def delete(self, seqs):
-        self.db.executemany("DELETE FROM messages WHERE seq = ?", [(seq,) for seq in seqs])
+        for size, chunk in _chunks(seqs):
+            self.db.execute("DELETE FROM messages WHERE seq IN (%s)" % ",".join("?" * size),
+                            chunk)
 
     def reserve(self, next_seq):
         self.db.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'next_seq'",
@@ -223,7 +247,12 @@ class SQLiteBackend(Backend):
                                         "ORDER BY priority DESC, seq LIMIT ?",
                                         (read.queue, priority, read.limit - len(rows))
                                         ).fetchall()
-        return [_message(row) for row in rows]
+        # Inline rather than _message(): this builds every message a queue delivers.
+        return [StoredMessage(seq, queue, priority, ack_timeout,
+                              [tuple(pair) for pair in json.loads(headers)], body, due, expires,
+                              deliveries, dead == 1)
+                for seq, queue, priority, ack_timeout, headers, body, due, expires, deliveries,
+                dead in rows]
 
     def count(self, read):
         db, queue, now = self.db, read.queue, read.now
