@@ -1730,18 +1730,20 @@ class Broker:
             else:
                 answer = handler(conn, frame)
             receipt = frame.headers.get("receipt")
-            if receipt is not None:
-                # A RECEIPT after a MESSAGE means its delivery count is durable too.
-                self.storage.release_counts()
-            if receipt is not None and frame.command != "DISCONNECT":
+            if receipt is None:
+                return
+            # A RECEIPT after a MESSAGE means its delivery count is durable too: it waits for
+            # the batch the held counts go into (batches commit in order, so that one last).
+            counts = self.storage.release_counts()
+            if frame.command != "DISCONNECT":
                 headers = {"receipt-id": receipt}
                 if isinstance(answer, dict):
                     headers.update(answer)
                     answer = None
                 elif isinstance(answer, tuple):
-                    conn.send_receipt(headers, after=answer[0], message=answer[1])
+                    conn.send_receipt(headers, after=counts or answer[0], message=answer[1])
                     return
-                conn.send_receipt(headers, after=answer)
+                conn.send_receipt(headers, after=counts or answer)
         except ProtocolError as error:
             if error.receipt is None:
                 error.receipt = frame.headers.get("receipt")

@@ -509,15 +509,20 @@ class Storage:
         return False
 
     def release_counts(self):
-        """The delivery counts held so far go into the next batch."""
+        """The delivery counts held so far go into the next batch: returned, to wait on (None
+        if no count was held)."""
         if self._deliveries:
-            self._use().updates.update(self._deliveries)
+            batch = self._use()
+            batch.updates.update(self._deliveries)
             self._deliveries = {}
+            return batch
+        return None
 
     def dead_letter(self, message, target, headers):
         """Move the message, if it is still in its queue, to queue `target` as a dead letter
         with `headers` (one commit: it is in exactly one of the two). Nobody waits for it;
-        on_arrived tells the broker."""
+        on_arrived tells the broker. It starts fresh there: a count still held is dropped."""
+        self._deliveries.pop(message.seq, None)
         self._use().ops.append(DeadLetter(message.seq, message.priority, message.queue, target,
                                           headers))
 

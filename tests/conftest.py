@@ -90,9 +90,12 @@ class BrokerThread:
 
 def pytest_generate_tests(metafunc):
     """A test module that sets STORE_BACKENDS = ("sqlite", "postgresql") runs each of its
-    tests that starts a broker once per backend."""
+    tests that starts a broker once per backend (unless the test names its own backends:
+    @pytest.mark.parametrize("store_backend", (...), indirect=True))."""
     backends = getattr(metafunc.module, "STORE_BACKENDS", None)
-    if backends and "store_backend" in metafunc.fixturenames:
+    chosen = any("store_backend" in mark.args[0]
+                 for mark in metafunc.definition.iter_markers("parametrize"))
+    if backends and "store_backend" in metafunc.fixturenames and not chosen:
         metafunc.parametrize("store_backend", backends, indirect=True)
 
 
