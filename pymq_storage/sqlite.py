@@ -146,7 +146,16 @@ class SQLiteBackend(Backend):
                 if message.seq in dedup and not self._take_key(message, *dedup[message.seq]):
                     duplicates.add(message.seq)
             messages = [m for m in messages if m.seq not in duplicates]
-        plain = [m for m in messages if not (m.due or m.expires or m.deliveries or m.dead_letter)]
+        # Each message read once: this runs in the storage thread while the hub may deliver
+        # one (deliveries) or defer it (due) meanwhile; two reads could put it in both lists.
+        plain, life = [], []
+        for m in messages:
+            due, expires, deliveries, dead = m.due, m.expires, m.deliveries, m.dead_letter
+            if due or expires or deliveries or dead:
+                life.append((m.seq, m.queue, m.priority, m.ack_timeout, json.dumps(m.headers),
+                             m.body, due, expires, deliveries, dead))
+            else:
+                plain.append(m)
         for size, chunk in _chunks(plain):  # a message's life keeps its defaults: not sent
             values = []
             for m in chunk:
@@ -154,12 +163,8 @@ class SQLiteBackend(Backend):
                            m.body)
             self.db.execute("INSERT INTO messages (seq, queue, priority, ack_timeout, headers, "
                             "body) VALUES " + ",".join(("(?, ?, ?, ?, ?, ?)",) * size), values)
-        if len(plain) < len(messages):
-            self.db.executemany(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(m.seq, m.queue, m.priority, m.ack_timeout, json.dumps(m.headers), m.body,
-                  m.due, m.expires, m.deliveries, m.dead_letter) for m in messages
-                 if m.due or m.expires or m.deliveries or m.dead_letter])
+        if life:
+            self.db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", life)
         return duplicates
 
     def _take_key(self, message, key, sent, until):

@@ -14,7 +14,7 @@ import gevent
 import pytest
 
 from pymq_storage import open_storage
-from pymq_storage.base import now_ms
+from pymq_storage.base import StoredMessage, now_ms
 import postgres
 from conftest import within
 from test_storage import BACKENDS, DURABLE, load, seqs
@@ -148,6 +148,31 @@ def test_an_update_rides_on_a_pending_insert_and_a_delete_cancels_it(store):
     barrier(store)
     assert store.stats["updates"] == 0
     assert counts(store) == (0, 0)
+
+
+class DeliveredMeanwhile(StoredMessage):
+    """A message the broker delivers again each time the storage thread reads its count: the
+    hub changes a message's life while the backend writes it (sqlite3 runs in a thread)."""
+
+    __slots__ = ("_count",)
+
+    @property
+    def deliveries(self):
+        self._count += 1
+        return self._count - 1
+
+    @deliveries.setter
+    def deliveries(self, value):
+        self._count = value
+
+
+def test_a_message_changed_while_it_is_written_is_written_once(store):
+    delayed = message(store, due=now_ms() + 60000)
+    m = message(store)
+    changing = DeliveredMeanwhile(m.seq, m.queue, m.priority, 0.0, [], b"x")
+    store.save(delayed)
+    within(store.save(changing).wait)       # no UNIQUE failure: each field is read once
+    assert counts(store) == (2, 1) and seqs(load(store)) == [m.seq]
 
 
 def test_loaded_messages_are_copies(store):
