@@ -3,10 +3,13 @@
 Producers SEND with receipts and consumers ACK with receipts against `python pymq.py` in a
 subprocess; the broker is SIGKILLed at random moments (seeded) and restarted on the same store;
 with --outages the PostgreSQL server is also stopped (fast or immediate) under load and started
-again, sometimes for longer than --db-retry, sometimes with the broker killed meanwhile. At
-the end everything left is drained and checked: every receipted SEND delivered at least once
-after it was sent, nothing delivered after its ACK was receipted, nothing delivered that was
-never sent, nothing delivered twice within one broker run.
+again, sometimes for longer than --db-retry, sometimes with the broker killed meanwhile.
+Among plain SENDs go delayed, expiring and dedup'd ones and ones the consumers NACK (unless
+--plain). At the end everything left is drained and checked: every receipted SEND delivered
+at least once after it was sent (from its queue or its DLQ), nothing delivered after its ACK
+was receipted, nothing delivered that was never sent, nothing delivered twice within one
+broker run unless NACKed, nothing delayed delivered early, no dedup-id stored twice, no dead
+letter without its reason.
 
     python bench/crash_cycles.py                                  # 200 cycles, both stores
     python bench/crash_cycles.py --cycles 1000 --seed 7 --backend sqlite
@@ -47,7 +50,8 @@ def run_backend(backend, args):
     log("== %s: %d cycles, seed %d" % (title, args.cycles, args.seed))
     try:
         options = dict(cycles=args.cycles, seed=args.seed, receipts=tuple(args.receipts),
-                       producers=args.producers, log=(lambda line: None) if args.quiet else log)
+                       producers=args.producers, log=(lambda line: None) if args.quiet else log,
+                       mix=test_crash.PLAIN_ONLY if args.plain else test_crash.TASK_MIX)
         if backend == "sqlite":
             import tempfile
             workdir = tempfile.mkdtemp(prefix="pymq-crash-cycles-")
@@ -100,6 +104,8 @@ def main(argv=None):
     parser.add_argument("--producers", type=int, default=3, help="producer connections (3)")
     parser.add_argument("--fsync", action="store_true", help="PostgreSQL with fsync on")
     parser.add_argument("--quiet", action="store_true", help="no line per cycle")
+    parser.add_argument("--plain", action="store_true",
+                        help="plain SENDs only: no delays, expiry, dedup-ids or NACKs")
     args = parser.parse_args(argv)
 
     backends = ("sqlite", "postgresql") if args.backend == "both" else (args.backend,)

@@ -4,10 +4,15 @@ and restarted on the same store (SQLite file or PostgreSQL database).
   * kill -9 cycles (run_crash_cycles, also run at length by bench/crash_cycles.py): producers
     SEND with receipts while consumers receive and ACK with receipts, the broker is SIGKILLed
     at a random point (seeded), restarted on the same store, again and again; then everything
-    is drained. Checked, on SQLite and on PostgreSQL: every receipted SEND is delivered at
-    least once after it was sent; no message is delivered after its ACK was receipted; no
-    message appears that was never sent; nothing is delivered twice within one broker run.
-    Other duplicates across a crash are allowed (at-least-once) and counted.
+    is drained. Among plain SENDs go delayed, expiring, dedup'd ones (also dedup-ids sent
+    again after a kill) and ones that consumers NACK (TASK_MIX). Checked, on SQLite and on
+    PostgreSQL: every receipted SEND is delivered at least once after it was sent, from its
+    queue or its DLQ; no message is delivered after its ACK was receipted (from either);
+    no message appears that was never sent; nothing is delivered twice within one broker run
+    unless NACKed; a delayed message is never delivered before it is due; of the SENDs with
+    one dedup-id one at most is ever delivered; a dead letter is in its own queue's DLQ for a
+    reason its SEND gave. Other duplicates across a crash are allowed (at-least-once) and
+    counted.
   * The same harness with PostgreSQL outages: the database server is stopped (fast or
     immediate) under load and started again, with kill -9 of the broker mixed in, also while
     the database is down. Same checks; RECEIPTs wait for the database or become ERRORs.
@@ -116,11 +121,18 @@ def write_lock():
         lock.release()
 
 
-def drain(address, queues, deadline=20.0):
+def drain(address, queues, deadline=20.0, seen=None):
     """Consume and ACK everything on `queues` until count-msgs says every one is empty.
-    Returns the MESSAGE frames in the order received."""
+    Returns the MESSAGE frames in the order received; seen(frame), if given, is called as
+    each arrives."""
     c = client(address)
     received = []
+
+    def take(frame):
+        if seen is not None:
+            seen(frame)
+        received.append(frame)
+        c.send("ACK", {"id": frame.headers["ack"]})
     try:
         for q in queues:
             c.send("SUBSCRIBE", {"destination": "/queue/" + q, "id": q,
@@ -139,8 +151,7 @@ def drain(address, queues, deadline=20.0):
             while len(counts) < len(queues):
                 frame = c.expect(timeout=WAIT)
                 if frame.command == "MESSAGE":
-                    received.append(frame)
-                    c.send("ACK", {"id": frame.headers["ack"]})
+                    take(frame)
                 else:
                     assert frame.command == "RECEIPT", frame
                     counts[frame.headers["receipt-id"]] = int(frame.headers["num-messages"])
@@ -153,8 +164,7 @@ def drain(address, queues, deadline=20.0):
             except (AssertionError, OSError):
                 continue
             assert frame.command == "MESSAGE", frame
-            received.append(frame)
-            c.send("ACK", {"id": frame.headers["ack"]})
+            take(frame)
     finally:
         c.close()
 
@@ -164,6 +174,20 @@ def drain(address, queues, deadline=20.0):
 # ---------------------------------------------------------------------------------------------
 
 CRASH_QUEUES = ("crash-a", "crash-b")
+DEAD_LETTERS = tuple("DLQ." + q for q in CRASH_QUEUES)
+
+# What producers SEND, by share: task-queue headers among plain messages. "delayed" carries a
+# delay (any of its spellings) or a deliver-at; "expiring" a ttl short enough to expire in a
+# queue without consumers (it then reaches the DLQ); "dedup" a fresh dedup-id, "dedup-again"
+# the dedup-id of an earlier SEND to the same queue, maybe of a run before a kill -9 (so it
+# must store nothing); consumers NACK "poison" every time (max-redeliveries:1, or at once with
+# requeue:false) and "flaky" once per run with delay:MS.
+TASK_MIX = (("plain", 55), ("delayed", 15), ("expiring", 10), ("dedup", 10),
+            ("dedup-again", 5), ("poison", 3), ("flaky", 2))
+PLAIN_ONLY = (("plain", 1),)
+
+Delivery = collections.namedtuple(
+    "Delivery", "run body message_id tick destination wall reason origin")
 
 
 class Ledger:
@@ -175,7 +199,13 @@ class Ledger:
         self.clock = 0
         self.attempted = {}             # body -> (queue, tick), recorded before it is written
         self.receipted = set()          # bodies whose SEND got its RECEIPT
-        self.deliveries = []            # (run, body, message-id, tick)
+        self.deliveries = []            # Delivery records, in the order seen
+        self.kind = {}                  # body -> its kind in TASK_MIX
+        self.not_before = {}            # body -> epoch ms: a delayed SEND is due no earlier
+        self.dedup = {}                 # body -> (queue, key): SENT with dedup-id:key
+        self.keys = []                  # (queue, key) of every dedup-id sent, for re-sends
+        self.nacks = []                 # (run, body, tick, epoch ms its redelivery is due)
+        self.nacked = set()             # (run, body): NACKed in that run, so it comes again
         self.ack_receipted = {}         # body -> tick at which its ACK's RECEIPT was read
         # (run, body): delivered on a connection that the broker closed with an ERROR before
         # the ACK was receipted (a write failed through a database outage): back in the queue,
@@ -192,9 +222,21 @@ class Ledger:
         self.clock += 1
         return self.clock
 
-    def sent(self, body, queue):
+    def sent(self, body, queue, kind="plain", not_before=None, dedup=None):
         with self.lock:
             self.attempted[body] = (queue, self._tick())
+            self.kind[body] = kind
+            if not_before is not None:
+                self.not_before[body] = not_before
+            if dedup is not None:
+                self.dedup[body] = (queue, dedup)
+                if kind == "dedup":
+                    self.keys.append((queue, dedup))
+
+    def dedup_key(self, rng):
+        """(queue, key) of a dedup-id sent before (by any run), or None."""
+        with self.lock:
+            return rng.choice(self.keys) if self.keys else None
 
     def send_receipted(self, body):
         with self.lock:
@@ -205,9 +247,26 @@ class Ledger:
                 self.receipts_while_down += 1
             self.lock.notify_all()
 
-    def delivered(self, run, body, message_id):
+    def delivered(self, run, frame):
+        """A MESSAGE read by a consumer; returns the body."""
+        headers = frame.headers
+        wall = time.time() * 1000.0
+        body = frame.body.decode()
         with self.lock:
-            self.deliveries.append((run, body, message_id, self._tick()))
+            self.deliveries.append(Delivery(run, body, headers["message-id"], self._tick(),
+                                            headers["destination"], wall,
+                                            headers.get("dead-letter-reason"),
+                                            headers.get("original-destination")))
+        return body
+
+    def first_in_run(self, run, body):
+        with self.lock:
+            return (run, body) not in self.nacked
+
+    def nack(self, run, body, due):
+        with self.lock:
+            self.nacked.add((run, body))
+            self.nacks.append((run, body, self._tick(), due))
 
     def ack_receipt(self, body):
         with self.lock:
@@ -262,10 +321,44 @@ def _not_stored(frame, errors_allowed):
             and "not stored" in frame.headers.get("message", ""))
 
 
+def _task_send(body, queue, rng, mix, ledger):
+    """Record the SEND of `body` in the ledger; returns (queue, its headers) by a kind drawn
+    from `mix`."""
+    kinds, weights = zip(*mix)
+    kind = rng.choices(kinds, weights)[0]
+    headers = {}
+    not_before = dedup = None
+    if kind == "dedup-again":
+        again = ledger.dedup_key(rng)
+        if again is None:
+            kind = "dedup"
+        else:
+            queue, dedup = again
+    if kind == "delayed":
+        delay = rng.randint(0, 800)
+        # whole ms, as the broker's clock: it reads the time after this
+        not_before = int(time.time() * 1000.0) + delay
+        if rng.random() < 0.25:
+            headers["deliver-at"] = str(not_before)
+        else:
+            headers[rng.choice(("delay", "x-delay", "AMQ_SCHEDULED_DELAY"))] = str(delay)
+    elif kind == "expiring":
+        headers[rng.choice(("ttl", "expiration"))] = str(rng.randint(100, 1500))
+    elif kind == "dedup":
+        dedup = "k-" + body
+    elif kind == "poison":
+        headers["max-redeliveries"] = "1"
+    if dedup is not None:
+        headers["dedup-id"] = dedup
+    ledger.sent(body, queue, kind, not_before, dedup)
+    return queue, headers
+
+
 def producer(address, run, pid, queues, window, rng, ledger, stop, errors_allowed=False,
-             receipt_timeout=WAIT):
-    """SENDs with receipts, `window` outstanding, until `stop` or the broker dies. After an
-    ERROR "not stored" (allowed in outage cycles) it connects again and goes on."""
+             receipt_timeout=WAIT, mix=PLAIN_ONLY):
+    """SENDs with receipts, `window` outstanding, until `stop` or the broker dies; each SEND of
+    a kind drawn from `mix` (TASK_MIX). After an ERROR "not stored" (allowed in outage cycles)
+    it connects again and goes on."""
     n = 0
     while not stop.is_set():
         try:
@@ -273,7 +366,8 @@ def producer(address, run, pid, queues, window, rng, ledger, stop, errors_allowe
         except OSError:
             return                      # the broker is dead, or not yet listening: done
         except Exception as error:
-            ledger.error("producer connect", repr(error))
+            if not stop.wait(WAIT):     # not the kill -9 closing it half-way through CONNECT
+                ledger.error("producer connect", repr(error))
             return
         outstanding = {}                # receipt id -> body
         try:
@@ -282,12 +376,12 @@ def producer(address, run, pid, queues, window, rng, ledger, stop, errors_allowe
                 while len(outstanding) < window:
                     body = "r%d-p%d-%d" % (run, pid, n)
                     n += 1
-                    queue = rng.choice(queues)
-                    ledger.sent(body, queue)
+                    queue, headers = _task_send(body, rng.choice(queues), rng, mix, ledger)
                     rid = "s-" + body
                     outstanding[rid] = body
-                    c.send("SEND", {"destination": "/queue/" + queue, "receipt": rid,
-                                    "content-type": "text/plain"}, body.encode())
+                    headers.update({"destination": "/queue/" + queue, "receipt": rid,
+                                    "content-type": "text/plain"})
+                    c.send("SEND", headers, body.encode())
                 frame = _read_frame(c, 0.25)
                 if frame is None:
                     waited += 0.25
@@ -314,9 +408,11 @@ def producer(address, run, pid, queues, window, rng, ledger, stop, errors_allowe
 
 
 def consumer(address, run, cid, queues, prefetch, ledger, stop, errors_allowed=False):
-    """Receives and ACKs with receipts until `stop` or the broker dies. After an ERROR "not
+    """Receives and ACKs with receipts until `stop` or the broker dies; NACKs "poison" (every
+    time) and "flaky" (once per run) messages of TASK_MIX instead. After an ERROR "not
     stored" (an ACK's delete failed through an outage; allowed in outage cycles) it marks what
     it held unreceipted as released, connects again and goes on."""
+    rng = random.Random(cid)
     n = 0
     while not stop.is_set():
         try:
@@ -327,7 +423,8 @@ def consumer(address, run, cid, queues, prefetch, ledger, stop, errors_allowed=F
         except OSError:
             return
         except Exception as error:
-            ledger.error("consumer connect", repr(error))
+            if not stop.wait(WAIT):     # not the kill -9 closing it half-way through CONNECT
+                ledger.error("consumer connect", repr(error))
             return
         acks = {}                       # receipt id -> body
         held = set()                    # delivered here, ACK not receipted
@@ -337,8 +434,23 @@ def consumer(address, run, cid, queues, prefetch, ledger, stop, errors_allowed=F
                 if frame is None:
                     continue
                 if frame.command == "MESSAGE":
-                    body = frame.body.decode()
-                    ledger.delivered(run, body, frame.headers["message-id"])
+                    body = ledger.delivered(run, frame)
+                    kind = ledger.kind.get(body)
+                    if frame.headers.get("dead-letter-reason") is None and (
+                            kind == "poison" or (kind == "flaky"
+                                                 and ledger.first_in_run(run, body))):
+                        nack = {"id": frame.headers["ack"]}
+                        if kind == "poison":
+                            due = 0
+                            if rng.random() < 0.5:
+                                nack["requeue"] = "false"
+                        else:
+                            delay = rng.randint(50, 400)
+                            due = int(time.time() * 1000.0) + delay
+                            nack["delay"] = str(delay)
+                        ledger.nack(run, body, due)
+                        c.send("NACK", nack)
+                        continue
                     held.add(body)
                     n += 1
                     rid = "a-%d-%d-%d" % (run, cid, n)
@@ -367,8 +479,10 @@ class Run:
     """One broker process on the store, with its client threads."""
 
     def __init__(self, number, store_url, rng, ledger, producers, db_retry, errors_allowed,
-                 workdir):
-        args = ["--db", str(store_url)]
+                 workdir, mix):
+        # A plain message delivered in every run, each ended by a kill, is counted each time:
+        # it must not reach its DLQ within the cycles.
+        args = ["--db", str(store_url), "--max-redeliveries", "1000"]
         if db_retry is not None:
             args += ["--db-retry", str(db_retry)]
         self.number = number
@@ -381,14 +495,14 @@ class Run:
         receipt_timeout = WAIT + (db_retry or 0)
         self.threads = [
             threading.Thread(target=consumer, name="consumer-%d" % i, daemon=True,
-                             args=(address, number, i, CRASH_QUEUES, 10, ledger, self.stop,
-                                   errors_allowed))
+                             args=(address, number, i, CRASH_QUEUES + DEAD_LETTERS, 10, ledger,
+                                   self.stop, errors_allowed))
             for i in range(self.consumers)]
         self.threads += [
             threading.Thread(target=producer, name="producer-%d" % i, daemon=True,
                              args=(address, number, i, CRASH_QUEUES, rng.randint(1, 5),
                                    random.Random(rng.random()), ledger, self.stop,
-                                   errors_allowed, receipt_timeout))
+                                   errors_allowed, receipt_timeout, mix))
             for i in range(producers)]
         for t in self.threads:
             t.start()
@@ -473,7 +587,7 @@ def _broker_errors(logs):
 
 def run_crash_cycles(store_url, cycles=20, seed=20261126, outage=None, db_retry=None,
                      receipts=(10, 200), producers=3, outage_time=(0.05, 1.0),
-                     long_outage_rate=0.0, log=print, workdir=None):
+                     long_outage_rate=0.0, log=print, workdir=None, mix=TASK_MIX):
     """Producers SEND with receipts and consumers receive and ACK with receipts, against
     `python pymq.py --db store_url` in a subprocess, over `cycles` faults; then everything left
     is drained from a last broker on the same store, and the ledger is checked.
@@ -510,7 +624,7 @@ def run_crash_cycles(store_url, cycles=20, seed=20261126, outage=None, db_retry=
         for cycle in range(cycles):
             if run is None:
                 run = Run(runs, store_url, rng, ledger, producers, db_retry, errors_allowed,
-                          workdir)
+                          workdir, mix)
                 runs += 1
             kind = "kill"
             if outage is not None:
@@ -521,8 +635,9 @@ def run_crash_cycles(store_url, cycles=20, seed=20261126, outage=None, db_retry=
                       else rng.randint(*receipts))
             jitter = rng.choice([0.0, 0.0, rng.uniform(0.0, 0.02)])
             assert ledger.wait_receipts(target, 15.0 + (db_retry or 0)), \
-                "cycle %d: only %d of %d SEND receipts within %g s" % (
-                    cycle, ledger.cycle_receipts, target, 15.0 + (db_retry or 0))
+                "cycle %d: only %d of %d SEND receipts within %g s; %s" % (
+                    cycle, ledger.cycle_receipts, target, 15.0 + (db_retry or 0),
+                    _stalled(run.broker))
             time.sleep(jitter)
             what = "%d consumers, after %d SEND receipts" % (run.consumers, target)
             if kind == "kill":
@@ -562,9 +677,8 @@ def run_crash_cycles(store_url, cycles=20, seed=20261126, outage=None, db_retry=
         # Restart once more and take everything that is left.
         last = BrokerProcess("--db", str(store_url), cwd=workdir)
         try:
-            final = drain(last.address, CRASH_QUEUES, deadline=60.0)
-            for frame in final:
-                ledger.delivered(runs, frame.body.decode(), frame.headers["message-id"])
+            final = drain(last.address, CRASH_QUEUES + DEAD_LETTERS, deadline=60.0,
+                          seen=lambda frame: ledger.delivered(runs, frame))
             assert last.stop(signal.SIGTERM) == 0, "the last broker did not stop cleanly"
         finally:
             _close_broker(last)
@@ -586,41 +700,75 @@ def run_crash_cycles(store_url, cycles=20, seed=20261126, outage=None, db_retry=
 
 
 def _check_ledger(seed, ledger, cycles, kinds, runs, final, left, logs, seconds):
-    """The four properties, and the totals to print."""
+    """The properties, and the totals to print."""
     deliveries = ledger.deliveries
-    delivered = collections.Counter(body for _, body, _, _ in deliveries)
+    delivered = collections.Counter(d.body for d in deliveries)
     last_delivery = {}
-    for _, body, _, tick in deliveries:
-        last_delivery[body] = max(tick, last_delivery.get(body, 0))
-    # 1. Every receipted SEND is delivered at least once after it was sent.
-    lost = sorted(body for body in ledger.receipted
-                  if last_delivery.get(body, 0) <= ledger.attempted[body][1])
-    # 2. No message is delivered after its ACK was receipted.
+    for d in deliveries:
+        last_delivery[d.body] = max(d.tick, last_delivery.get(d.body, 0))
+    # 1. Every receipted SEND is delivered at least once after it was sent, from its queue or
+    #    its DLQ (in neither is lost), except a SEND with a dedup-id: see 6.
+    lost = sorted(body for body in ledger.receipted if body not in ledger.dedup
+                  and last_delivery.get(body, 0) <= ledger.attempted[body][1])
+    # 2. No message is delivered after its ACK was receipted: not from its DLQ either (it is
+    #    never in both).
     acked_again = sorted(body for body, tick in ledger.ack_receipted.items()
                          if last_delivery[body] > tick)
     # 3. No message appears that was never sent.
     unknown = sorted(set(delivered) - set(ledger.attempted))
     # 4. Nothing is delivered twice within one broker run (unless its connection was closed
-    #    with an ERROR before the ACK was receipted: then it went back to the queue).
-    per_run = collections.Counter((run, body) for run, body, _, _ in deliveries)
-    same_run = sorted(key for key, n in per_run.items() if n > 1 and key not in ledger.released)
+    #    with an ERROR before the ACK was receipted, or it was NACKed: then it went back).
+    per_run = collections.Counter((d.run, d.body) for d in deliveries)
+    again = ledger.released | ledger.nacked
+    same_run = sorted(key for key, n in per_run.items() if n > 1 and key not in again)
     after_error = sum(n - 1 for key, n in per_run.items() if n > 1 and key in ledger.released)
     runs_of = collections.defaultdict(set)
-    for run, body, _, _ in deliveries:
-        runs_of[body].add(run)
+    for d in deliveries:
+        runs_of[d.body].add(d.run)
     across = sum(len(r) - 1 for r in runs_of.values())
     ids = collections.defaultdict(set)
-    for _, body, message_id, _ in deliveries:
-        ids[message_id].add(body)
+    for d in deliveries:
+        ids[d.message_id].add(d.body)
     reused_ids = sorted(i for i, bodies in ids.items() if len(bodies) > 1)
+    # 5. A delayed SEND is never delivered before it is due (epoch ms, the clock both sides
+    #    share); nor a NACK with delay:MS redelivered, within the run, before it is due (its
+    #    delay is written in a later batch, so a kill -9 may drop it).
+    early = sorted((d.body, round(ledger.not_before[d.body] - d.wall, 1)) for d in deliveries
+                   if d.body in ledger.not_before and d.wall < ledger.not_before[d.body])
+    for run, body, tick, due in ledger.nacks:
+        after = [d for d in deliveries if d.run == run and d.body == body and d.tick > tick]
+        if after and after[0].wall < due:
+            early.append((body, "NACK", round(due - after[0].wall, 1)))
+    # 6. No dedup-id is forgotten within its window: of the SENDs with one key to one queue,
+    #    one at most is ever delivered, and one is if any was receipted.
+    groups = collections.defaultdict(set)
+    for body, key in ledger.dedup.items():
+        groups[key].add(body)
+    stored_twice, dedup_lost = [], []
+    for key, bodies in sorted(groups.items()):
+        seen = sorted(bodies & set(delivered))
+        if len(seen) > 1:
+            stored_twice.append((key, seen))
+        elif not seen and bodies & ledger.receipted:
+            dedup_lost.append(key)
+    # 7. A dead letter came from its own queue, for a reason its SEND gave.
+    reasons = {"poison": ("max-redeliveries", "rejected"), "expiring": ("expired",)}
+    dead = [d for d in deliveries if d.destination.startswith("/queue/DLQ.")]
+    wrong_dead = sorted((d.body, d.destination, d.reason, d.origin) for d in dead
+                        if d.body in ledger.attempted and (
+                            d.reason not in reasons.get(ledger.kind[d.body], ())
+                            or d.origin != "/queue/" + ledger.attempted[d.body][0]
+                            or d.destination != "/queue/DLQ." + ledger.attempted[d.body][0]))
     tracebacks = sum(1 for lines in logs for line in lines if line.startswith("Traceback"))
     broker_errors = _broker_errors(logs)
 
+    by_kind = collections.Counter(ledger.kind.values())
     totals = collections.OrderedDict([
         ("cycles", "%d (%s), %d broker runs + the final drain"
          % (cycles, ", ".join("%s %d" % kv for kv in sorted(kinds.items())), runs)),
         ("seconds", "%.1f" % seconds),
-        ("sent (written)", len(ledger.attempted)),
+        ("sent (written)", "%d  (%s)" % (len(ledger.attempted), ", ".join(
+            "%s %d" % kv for kv in sorted(by_kind.items())))),
         ("SEND receipted", len(ledger.receipted)),
         ("delivered (distinct)", "%d  (%d deliveries, %d in the final drain)"
          % (len(delivered), len(deliveries), final)),
@@ -629,24 +777,36 @@ def _check_ledger(seed, ledger, cycles, kinds, runs, final, left, logs, seconds)
         ("duplicates across crashes", across),
         ("redelivered in a run after an ERROR", after_error),
         ("ACK receipted", len(ledger.ack_receipted)),
+        ("NACKs", len(ledger.nacks)),
+        ("dead letters delivered", "%d  (%s)" % (len(dead), ", ".join(
+            "%s %d" % kv for kv in sorted(collections.Counter(d.reason for d in dead).items())))),
+        ("dedup keys", "%d  (%d SENDs with one)" % (len(groups), len(ledger.dedup))),
         ("SEND ERRORs (not stored)", ledger.send_errors),
         ("ACK ERRORs (not stored)", ledger.ack_errors),
         ("SEND RECEIPTs read while db down", ledger.receipts_while_down),
         ("message ids given to two messages", len(reused_ids)),
         ("broker tracebacks", tracebacks),
-        ("lost", len(lost)),
+        ("lost", len(lost) + len(dedup_lost)),
         ("never sent", len(unknown)),
         ("acked, then redelivered", len(acked_again)),
         ("delivered twice in one run", len(same_run)),
+        ("delivered before due", len(early)),
+        ("dedup key stored twice", len(stored_twice)),
+        ("dead-lettered wrongly", len(wrong_dead)),
         ("left in the store after the drain", left),
     ])
-    same_run = [(run, body, [(r, i, t) for r, b, i, t in deliveries if b == body])
+    same_run = [(run, body, [(d.run, d.message_id, d.tick, d.destination) for d in deliveries
+                             if d.body == body])
                 for run, body in same_run]
     violations = {
         "receipted SENDs never delivered": lost,
+        "dedup keys none of whose receipted SENDs was delivered": dedup_lost,
         "delivered but never sent": unknown,
         "delivered after its ACK was receipted": acked_again,
         "delivered twice within one broker run": same_run,
+        "delivered before due (body, ms early)": early,
+        "dedup key stored twice (within its window)": stored_twice,
+        "dead letter from another queue or for no reason": wrong_dead,
         "left in the store after the final drain (its ACKs not stored)": [left] if left else [],
     }
     return CrashResult(seed, totals, violations, list(ledger.errors), broker_errors)
@@ -752,6 +912,23 @@ def test_shutdown_signal_commits_unreceipted_sends(new_store, brokers, signum):
     assert count_msgs(c, "flush") == 0
     c.close()
     assert broker.stop() == 0
+
+
+def _stalled(broker):
+    """What a broker that stopped answering was doing: its log so far and, where py-spy is
+    installed, its greenlets' stacks."""
+    lines = list(broker.log)
+    while not broker.lines.empty():
+        line = broker.lines.get()
+        if line is None:
+            break
+        lines.append(line)
+    try:
+        stacks = subprocess.run(["py-spy", "dump", "--pid", str(broker.proc.pid)],
+                                capture_output=True, text=True, timeout=WAIT).stdout
+    except (OSError, subprocess.SubprocessError):
+        stacks = "(py-spy not available)"
+    return "broker log:\n%s\nstacks:\n%s" % ("".join(lines[-50:]), stacks)
 
 
 def _rest_of_log(broker):
