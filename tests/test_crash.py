@@ -206,6 +206,9 @@ class Ledger:
         self.keys = []                  # (queue, key) of every dedup-id sent, for re-sends
         self.nacks = []                 # (run, body, tick, epoch ms its redelivery is due)
         self.nacked = set()             # (run, body): NACKed in that run, so it comes again
+        # Runs in which a write failed through an outage: what it took out of memory (a NACK's
+        # delay among them) is back where it was, so a NACKed message may come at once.
+        self.failed_runs = set()
         self.ack_receipted = {}         # body -> tick at which its ACK's RECEIPT was read
         # (run, body): delivered on a connection that the broker closed with an ERROR before
         # the ACK was receipted (a write failed through a database outage): back in the queue,
@@ -272,13 +275,15 @@ class Ledger:
         with self.lock:
             self.ack_receipted.setdefault(body, self._tick())
 
-    def send_error(self):
+    def send_error(self, run):
         with self.lock:
             self.send_errors += 1
+            self.failed_runs.add(run)
 
     def ack_error(self, run, bodies):
         with self.lock:
             self.ack_errors += 1
+            self.failed_runs.add(run)
             self.released.update((run, body) for body in bodies)
 
     def error(self, *what):
@@ -393,7 +398,7 @@ def producer(address, run, pid, queues, window, rng, ledger, stop, errors_allowe
                 if frame.command == "RECEIPT":
                     ledger.send_receipted(outstanding.pop(frame.headers["receipt-id"]))
                 elif _not_stored(frame, errors_allowed):
-                    ledger.send_error()     # none of `outstanding` is receipted: fine
+                    ledger.send_error(run)  # none of `outstanding` is receipted: fine
                     break                   # the broker closes the connection: a new one
                 else:
                     ledger.error("producer got", frame)
@@ -736,6 +741,8 @@ def _check_ledger(seed, ledger, cycles, kinds, runs, final, left, logs, seconds)
     early = sorted((d.body, round(ledger.not_before[d.body] - d.wall, 1)) for d in deliveries
                    if d.body in ledger.not_before and d.wall < ledger.not_before[d.body])
     for run, body, tick, due in ledger.nacks:
+        if run in ledger.failed_runs:
+            continue
         after = [d for d in deliveries if d.run == run and d.body == body and d.tick > tick]
         if after and after[0].wall < due:
             early.append((body, "NACK", round(due - after[0].wall, 1)))
