@@ -14,15 +14,29 @@ handlers. ``main()`` does those things for the command line.
 Protocol: STOMP 1.0, 1.1 and 1.2, negotiated from ``accept-version``; ``CONNECT`` or ``STOMP``;
 heart-beats both ways. Topics (``/topic/NAME``) are broadcast and non-durable; a subscription to
 ``/topic/PREFIX*`` receives every topic whose name starts with PREFIX (``/topic/*``: all).
-Extensions, kept from ocamlmq (answered in the RECEIPT, so ask for one):
+Queues (``/queue/NAME``) are durable: a SEND's RECEIPT means stored (or already ACKed).
+
+Extensions: control destinations, answered in the RECEIPT, so ask for one (count-subscribers
+and count-msgs kept from ocamlmq; purge, move and touch are pymq's)::
 
     /control/count-subscribers/topic/T    -> num-subscribers: subscriptions a SEND to T reaches
+    /control/count-subscribers/queue/Q    -> num-subscribers
+    /control/count-msgs/queue/Q           -> num-messages, num-delayed
+    /control/purge/queue/Q                -> num-purged
+    /control/move/queue/SRC  to:/queue/DST [max:N]  -> num-moved
+    /control/touch  message-id:ID | ack:ID [ack-timeout:SECS]  -> touched: true or false
+
+and task-queue headers: on SEND delay (x-delay, AMQ_SCHEDULED_DELAY), deliver-at, expires,
+ttl (expiration), max-redeliveries, redelivery-delay, dead-letter-queue, dedup-id; on NACK
+requeue:false and delay; on MESSAGE redelivered and redelivery-count. A dead letter goes to
+/queue/DLQ.NAME. README.md has the table.
 
 Errors follow STOMP 1.2: an ERROR frame with a ``message`` header (and ``receipt-id`` when the
 offending frame asked for a receipt), then the connection is closed.
 
-The file reads top-down in data-flow order: options and limits, frame codec, broker,
-connection, server, command line.
+The file reads top-down in data-flow order: options and limits, frame codec, topics, queues,
+the clock, the message's life after a delivery, control destinations, broker, connection,
+server, command line.
 """
 
 import collections
@@ -609,7 +623,12 @@ def _index_remove(index, key, sub):
 
 PREFETCH_HEADERS = ("prefetch", "prefetch-count", "activemq.prefetchSize")
 REFILL_BATCH = 500               # messages an active queue loads from storage at a time...
-REFILL_BYTES = 8 * 1024 * 1024   # ...and at most this many bytes of them
+REFILL_BYTES = 8 * 1024 * 1024   # ...and at most this many bytes of them.
+# A queue whose consumers empty its buffer before each refill is back loads twice as many
+# next time, up to REFILL_MAX, and all queues' sizes together about REFILL_TOTAL: one store
+# round trip then feeds them for longer (a busy queue is bound by round trips, not work).
+REFILL_MAX = 4000
+REFILL_TOTAL = 32000
 QUEUE_BACKLOG = 256 * 1024       # bytes unwritten to a connection before queues skip it
 REFILL_RETRY = 1.0               # seconds before a failed refill is tried again
 
@@ -664,7 +683,7 @@ class Queue:
     a queue of their own cost about what a million topic subscriptions do."""
 
     __slots__ = ("name", "subs", "next_sub", "ready", "held", "cursor", "exhausted",
-                 "refilling", "acked_while_refilling")
+                 "refilling", "acked_while_refilling", "refill_size", "loaded")
 
     def __init__(self, name):
         self.name = name
@@ -676,6 +695,8 @@ class Queue:
         self.exhausted = False
         self.refilling = False        # the storage Load of a refill, while one is out
         self.acked_while_refilling = None     # seqs that left memory while it is out
+        self.refill_size = REFILL_BATCH       # messages a refill loads (Queues._resize)
+        self.loaded = False                   # a refill came back since it was created
 
     def make_ready(self, message, previous=None):
         heapq.heappush(self.ready, (message.key, message, previous))
@@ -697,14 +718,17 @@ class Queue:
         """No message still only in storage comes before `key`."""
         return self.exhausted or (self.cursor is not None and key <= self.cursor)
 
-    def rewind(self, key):
+    def rewind(self, key, restart=None):
         """Stored messages not in memory may now exist from `key` on (None: anywhere). A
-        refill out now would move the cursor past them: its answer is dropped."""
+        refill out now would move the cursor past them: restart(load, cursor) makes it read
+        from the new cursor if it can (Storage.restart_load), else its answer is dropped."""
         if key is None:
             self.cursor = None
         elif self.cursor is not None and key <= self.cursor:
             self.cursor = pymq_storage.before(key)
         self.exhausted = False
+        if self.refilling and restart is not None and restart(self.refilling, self.cursor):
+            return
         self.refilling = False
         self.acked_while_refilling = None
 
@@ -712,13 +736,14 @@ class Queue:
         """Keep the buffer bounded: forget the last messages (they are in storage, their
         delivery counts too) and move the cursor back before them. Never during a refill,
         whose result would move the cursor past what was forgotten."""
+        size = self.refill_size
         entries = sorted(self.ready)
-        for entry in entries[REFILL_BATCH:]:
+        for entry in entries[size:]:
             self.held.discard(entry[1].seq)
-        boundary = entries[REFILL_BATCH - 1][0]
+        boundary = entries[size - 1][0]
         self.cursor = boundary if self.cursor is None else min(self.cursor, boundary)
         self.exhausted = False
-        self.ready = entries[:REFILL_BATCH]     # sorted: a heap already
+        self.ready = entries[:size]     # sorted: a heap already
 
     def next_subscription(self, avoid=None):
         """The next subscription, in round-robin order, that can take a message now; another
@@ -868,9 +893,12 @@ class Queues:
 
     def _settle(self, queue):
         """Let an idle queue's only subscription stand for it: nothing of the queue is ready
-        in storage or in memory, so the Queue holds nothing but that subscription."""
+        in storage or in memory, so the Queue holds nothing but that subscription. Not a
+        queue that was busy enough to load more than REFILL_BATCH at a time: it keeps that
+        (a few dozen at most can, REFILL_TOTAL)."""
         if (len(queue.subs) == 1 and queue.exhausted and not queue.ready and not queue.held
-                and not queue.refilling and self.queues.get(queue.name) is queue):
+                and not queue.refilling and queue.refill_size == REFILL_BATCH
+                and self.queues.get(queue.name) is queue):
             sub = queue.subs[0]
             sub.queue = None
             self.queues[queue.name] = sub
@@ -896,16 +924,16 @@ class Queues:
             return
         if queue.exhausted and not ready:
             self._settle(queue)
-        elif len(ready) > 2 * REFILL_BATCH:
+        elif len(ready) > 2 * queue.refill_size:
             queue.trim()
-        elif not queue.exhausted and (len(ready) < REFILL_BATCH // 2
+        elif not queue.exhausted and (len(ready) < queue.refill_size // 2
                                       or (ready and not queue.in_order(ready[0][0]))):
             if not ready and not any(_can_take(sub, queue) for sub in queue.subs):
                 # Nobody can take a message now: load when someone can (an ACK, a drained
                 # backlog, a new subscriber dispatch again), not to hold it in memory meanwhile.
                 return
-            queue.refilling = self.storage.load_async(queue.name, queue.cursor, REFILL_BATCH,
-                                                      self._refilled)
+            queue.refilling = self.storage.load_async(queue.name, queue.cursor,
+                                                      queue.refill_size, self._refilled)
 
     def _deliver(self, queue, sub, message):
         conn = sub.conn
@@ -1045,6 +1073,9 @@ class Queues:
             self.clock.schedule(Timer(lambda: self.redispatch(queue)),
                                 time.monotonic() + REFILL_RETRY)
             return
+        if len(messages) == load.limit:
+            self._resize(queue)
+        queue.loaded = True
         budget = REFILL_BYTES
         for message in messages:
             queue.cursor = message.key
@@ -1055,8 +1086,20 @@ class Queues:
             if budget <= 0:
                 break
         else:
-            queue.exhausted = len(messages) < REFILL_BATCH
+            queue.exhausted = len(messages) < load.limit
         self.dispatch(queue)
+
+    def _resize(self, queue):
+        """A full refill came back: if the queue's consumers took all it had meanwhile (not the
+        first refill: it had nothing yet) and want more, the next refill loads more; if much
+        is still waiting, fewer again."""
+        size = queue.refill_size
+        if (queue.loaded and not queue.ready
+                and any(_can_take(sub, queue) for sub in queue.subs)):
+            size = min(2 * size, REFILL_MAX, max(REFILL_BATCH, REFILL_TOTAL // len(self.queues)))
+        elif len(queue.ready) >= size:
+            size = max(REFILL_BATCH, size // 2)
+        queue.refill_size = size
 
     def arrived(self, arrivals):
         """Stored messages appeared that no queue put in memory (a de-duplicated SEND once
@@ -1075,7 +1118,7 @@ class Queues:
                     entry.queue = self.storage.probe_async(name)    # cheap, for a million
                     continue
             queue = self._queue(name)
-            queue.rewind(key)
+            queue.rewind(key, self.storage.restart_load)
             self.dispatch(queue)
 
     def _unsend(self, messages):

@@ -81,10 +81,10 @@ class StoredMessage:
     SEND until the message is durable or ACKed, else None."""
 
     __slots__ = ("seq", "queue", "priority", "ack_timeout", "headers", "body", "due", "expires",
-                 "deliveries", "dead_letter", "sender")
+                 "deliveries", "dead_letter", "sender", "size")
 
     def __init__(self, seq, queue, priority, ack_timeout, headers, body, due=0, expires=0,
-                 deliveries=0, dead_letter=False):
+                 deliveries=0, dead_letter=False, size=None):
         self.seq = seq
         self.queue = queue
         self.priority = priority
@@ -96,20 +96,20 @@ class StoredMessage:
         self.deliveries = deliveries
         self.dead_letter = dead_letter
         self.sender = None
+        # Roughly the bytes it holds in memory, once: a backend loading it may pass a figure
+        # cheaper to get there (the length of the stored headers).
+        if size is None:
+            size = len(body or b"") + sum(len(k) + len(v) for k, v in headers) + 100
+        self.size = size
 
     @property
     def key(self):
         return (-self.priority, self.seq)
 
-    @property
-    def size(self):
-        """Roughly the bytes this message holds in memory."""
-        return len(self.body) + sum(len(k) + len(v) for k, v in self.headers) + 100
-
     def copy(self):
         return StoredMessage(self.seq, self.queue, self.priority, self.ack_timeout,
                              self.headers, self.body, self.due, self.expires, self.deliveries,
-                             self.dead_letter)
+                             self.dead_letter, self.size)
 
     def __repr__(self):
         return "StoredMessage(%d, %r, priority=%d)" % (self.seq, self.queue, self.priority)
@@ -126,13 +126,14 @@ class Load:
     """Read: up to `limit` ready messages (due 0) of `queue` whose key is after `after` (None:
     from the start), in delivery order. `callback`: see Storage.load_async()."""
 
-    __slots__ = ("queue", "after", "limit", "callback")
+    __slots__ = ("queue", "after", "limit", "callback", "batch")
 
     def __init__(self, queue, after, limit, callback=None):
         self.queue = queue
         self.after = after
         self.limit = limit
         self.callback = callback
+        self.batch = None       # the Batch it rides in (load_async)
 
 
 class Count:
@@ -586,8 +587,18 @@ class Storage:
         the batch is applied. The callback must not block. (The Load tells the answers apart,
         so one bound method serves every queue: no closure per refill.)"""
         load = Load(queue, after, limit, callback)
-        self._use().reads.append(load)
+        load.batch = batch = self._use()
+        batch.reads.append(load)
         return load
+
+    def restart_load(self, load, after):
+        """If `load` (from load_async) has not been applied yet, make it start after `after`
+        instead and return True: a caller that must read again from further back keeps its
+        place in the pending batch rather than adding a second read."""
+        if load.batch is not self._pending:
+            return False
+        load.after = after
+        return True
 
     def probe_async(self, name):
         """Ask whether queue `name` holds any ready message, without blocking and for the

@@ -78,9 +78,10 @@ class SchemaError(Exception):
 
 def _message(row):
     seq, queue, priority, ack_timeout, headers, body, due, expires, deliveries, dead = row
+    body = None if body is None else bytes(body)
     return StoredMessage(seq, queue, priority, ack_timeout,
-                         [tuple(pair) for pair in json.loads(headers)],
-                         None if body is None else bytes(body), due, expires, deliveries, dead)
+                         [tuple(pair) for pair in json.loads(headers)], body, due, expires,
+                         deliveries, dead, len(body or b"") + len(headers) + 100)
 
 
 class PostgreSQLBackend(Backend):

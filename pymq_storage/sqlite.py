@@ -88,7 +88,7 @@ def _message(row):
     seq, queue, priority, ack_timeout, headers, body, due, expires, deliveries, dead = row
     return StoredMessage(seq, queue, priority, ack_timeout,
                          [tuple(pair) for pair in json.loads(headers)], body, due, expires,
-                         deliveries, bool(dead))
+                         deliveries, bool(dead), len(body or b"") + len(headers) + 100)
 
 
 class SQLiteBackend(Backend):
@@ -255,7 +255,7 @@ class SQLiteBackend(Backend):
         # Inline rather than _message(): this builds every message a queue delivers.
         return [StoredMessage(seq, queue, priority, ack_timeout,
                               [tuple(pair) for pair in json.loads(headers)], body, due, expires,
-                              deliveries, dead == 1)
+                              deliveries, dead == 1, len(body) + len(headers) + 100)
                 for seq, queue, priority, ack_timeout, headers, body, due, expires, deliveries,
                 dead in rows]
 
