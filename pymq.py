@@ -1179,8 +1179,8 @@ KEYS_INTERVAL = 10.0      # seconds between purges of de-duplication keys past t
 KEYS_BATCH = 10000        # keys forgotten per batch
 STORE_RETRY = 1.0         # seconds before timed work whose batch failed is tried again
 # Delivery counts are held this long before they are written: most messages are ACKed sooner,
-# and a consumed message needs no count (Storage.count_delivery). A RECEIPT asked for after a
-# MESSAGE writes them at once (Broker.handle), so that it means the count is durable too.
+# and a consumed message needs no count (Storage.count_delivery). A RECEIPT a consumer asks
+# for after a MESSAGE writes them at once (Broker.handle): it means the count is durable too.
 COUNT_HOLD = 0.05
 
 
@@ -1775,9 +1775,11 @@ class Broker:
             receipt = frame.headers.get("receipt")
             if receipt is None:
                 return
-            # A RECEIPT after a MESSAGE means its delivery count is durable too: it waits for
-            # the batch the held counts go into (batches commit in order, so that one last).
-            counts = self.storage.release_counts()
+            # A RECEIPT a consumer asks for after a MESSAGE means the message's delivery count
+            # is durable too: it waits for the batch the held counts go into (batches commit
+            # in order, so that one last). Only a connection with messages in flight needs it
+            # (a producer's receipts would write counts an ACK was about to make useless).
+            counts = self.storage.release_counts() if conn.in_flight else None
             if frame.command != "DISCONNECT":
                 headers = {"receipt-id": receipt}
                 if isinstance(answer, dict):
