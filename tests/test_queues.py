@@ -976,23 +976,26 @@ def test_a_queue_without_subscribers_holds_no_broker_memory(broker, connect):
 
 
 def _buffer_size(b, name):
+    """(ready, held, the most ready the queue may keep) of queue `name`: after every event the
+    buffer is at most twice its refill size (REFILL_BATCH, more for a queue whose consumers
+    keep emptying it, never over REFILL_MAX)."""
     def size():
         queue = b.server.broker.queues.queues[name]
         if not isinstance(queue, pymq.Queue):
-            return 0, 0             # an idle queue, settled into its only subscription
-        return len(queue.ready), len(queue.held or ())
+            return 0, 0, 0          # an idle queue, settled into its only subscription
+        assert pymq.REFILL_BATCH <= queue.refill_size <= pymq.REFILL_MAX
+        return len(queue.ready), len(queue.held or ()), 2 * queue.refill_size
     return b.call(size)
 
 
 def _consume_in_order_checking_the_buffer(b, consumer, name, n):
-    limit = 2 * pymq.REFILL_BATCH
     for i in range(n):
         message = consumer.expect("MESSAGE")
         assert body(message) == str(i)
         ack(consumer, message)
         if i % 100 == 0:
-            ready, held = _buffer_size(b, name)
-            assert ready <= limit and held <= limit + 1, (i, ready, held)
+            ready, held, limit = _buffer_size(b, name)
+            assert ready <= limit and held <= limit + 1, (i, ready, held, limit)
     assert_nothing_more(consumer)
     assert count_msgs(consumer, name) == 0
 
@@ -1013,9 +1016,24 @@ def test_sends_to_a_busy_active_queue_keep_its_buffer_bounded(broker, connect):
     subscribe(consumer, "busy", prefetch="1")
     producer = connect()
     send_all(producer, "busy", [str(i) for i in range(n)])
-    ready, held = _buffer_size(broker, "busy")
-    assert ready <= 2 * pymq.REFILL_BATCH and held <= 2 * pymq.REFILL_BATCH + 1
+    ready, held, limit = _buffer_size(broker, "busy")
+    assert ready <= limit and held <= limit + 1
     _consume_in_order_checking_the_buffer(broker, consumer, "busy", n)
+
+
+
+def test_a_queue_its_consumer_keeps_emptying_loads_more_per_refill(broker, connect):
+    """A fast consumer (ack:auto, reading all the time) empties the buffer before each refill
+    is back: the refills grow (fewer store round trips), never past REFILL_MAX, in order, and
+    the queue stays a Queue with its size when idle rather than settling."""
+    n = 6 * pymq.REFILL_BATCH
+    send_all(connect(), "fast", [str(i) for i in range(n)])
+    consumer = connect()
+    subscribe(consumer, "fast", ack="auto")
+    assert [body(m) for m in receive(consumer, n)] == [str(i) for i in range(n)]
+    assert count_msgs(consumer, "fast") == 0
+    size = broker.call(lambda: broker.server.broker.queues.queues["fast"].refill_size)
+    assert pymq.REFILL_BATCH < size <= pymq.REFILL_MAX
 
 
 # -- async SENDs -------------------------------------------------------------------------------
