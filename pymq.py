@@ -41,6 +41,8 @@ server, command line.
 
 import collections
 import configparser
+import difflib
+import fnmatch
 import heapq
 import hmac
 import itertools
@@ -58,6 +60,7 @@ import urllib.parse
 import gevent
 import gevent.event
 import gevent.server
+import gevent.socket
 
 import pymq_storage
 
@@ -76,11 +79,24 @@ log = logging.getLogger("pymq")
 
 OPTIONS = (
     ("host", "127.0.0.1", "ADDR", "address to listen on"),
-    ("port", 61613, "PORT", "TCP port to listen on (0: any free port)"),
-    ("login", None, "LOGIN", "login that CONNECT must carry (default: none)"),
+    ("port", 61613, "PORT", "TCP port to listen on (0: any free port; none: no plain "
+                            "listener, with --tls-port)"),
+    ("tls-port", None, "PORT", "TCP port for STOMP over TLS 1.2+ (with --tls-cert and "
+                               "--tls-key) (default: none)"),
+    ("tls-cert", None, "FILE", "the server's certificate chain, PEM (default: none)"),
+    ("tls-key", None, "FILE", "the server's private key, PEM (default: none)"),
+    ("tls-ca", None, "FILE", "CA certificates, PEM: TLS clients must present a certificate "
+                             "signed by one (mutual TLS) (default: none)"),
+    ("tls-cert-login", False, None, "with --tls-ca: a client certificate's subject CN is the "
+                                    "client's login (no passcode needed)"),
+    ("users", None, "FILE", "users, their password hashes and the destinations each may "
+                            "read, write and administer; SIGHUP reloads it (default: none)"),
+    ("login", None, "LOGIN", "login that CONNECT must carry: one user who may do everything "
+                             "(default: none)"),
     ("passcode", None, "PASSCODE", "passcode that CONNECT must carry (default: none)"),
-    ("heart-beat", "10000,10000", "SX,SY", "offered heart-beats: send every SX ms, want one "
-                                           "every SY ms (0: never)"),
+    ("heart-beat", "100,10000", "SX,SY", "heart-beats: send one as often as every SX ms if "
+                                         "the client asks, want one from the client at most "
+                                         "every SY ms (0: never)"),
     ("heart-beat-grace", 2.0, "N", "drop a client silent for N times its heart-beat interval"),
     ("connect-timeout", 10.0, "SECS", "drop a connection that has not sent CONNECT by then"),
     ("frame-timeout", 30.0, "SECS", "drop a client that takes longer to finish a frame"),
@@ -113,7 +129,9 @@ OPTIONS = (
     ("drop-expired", False, None, "delete expired messages instead of dead-lettering them"),
     ("dedup-window", 600.0, "SECS", "how long after a SEND with a dedup-id header another SEND "
                                     "with it to the same queue stores nothing"),
-    ("debug", False, None, "log connections and frames to stderr"),
+    ("log-level", "info", "LEVEL", "log events of this level and above: debug, info, "
+                                   "warning or error"),
+    ("debug", False, None, "log connections and frames to stderr (--log-level debug)"),
     # ocamlmq's PostgreSQL flags, so that its command lines and scripts keep working: any of
     # them selects PostgreSQL instead of --db.
     ("dbhost", None, "HOST", "PostgreSQL host (ocamlmq's flags)"),
@@ -125,6 +143,9 @@ OPTIONS = (
     ("dbmaxconns", None, "N", "accepted and ignored: group commit needs one connection"),
     ("initdb", False, None, "accepted and ignored: tables are created when missing"),
 )
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR}
+PORT_OPTIONS = ("port", "tls-port")
 OCAMLMQ_DB_FLAGS = ("dbhost", "dbport", "dbdatabase", "dbsockdir", "dbuser", "dbpassword")
 DEFAULTS = {name: default for name, default, _, _ in OPTIONS}
 
@@ -157,6 +178,17 @@ class Options:
                              % (self.default_ack, ", ".join(ACK_MODES)))
         if self.max_prefetch < 1:
             raise ValueError("option max-prefetch: must be at least 1")
+        if self.port is None and self.tls_port is None:
+            raise ValueError("option port: none, and no --tls-port: nothing to listen on")
+        if self.tls_port is not None and not (self.tls_cert and self.tls_key):
+            raise ValueError("option tls-port needs --tls-cert and --tls-key")
+        if (self.tls_ca or self.tls_cert_login) and self.tls_port is None:
+            raise ValueError("options tls-ca and tls-cert-login need --tls-port")
+        if self.tls_cert_login and not self.tls_ca:
+            raise ValueError("option tls-cert-login needs --tls-ca (client certificates)")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError("option log-level: %r is not one of %s"
+                             % (self.log_level, ", ".join(LOG_LEVELS)))
 
     def _postgresql_url(self):
         params = [("host", self.dbsockdir or self.dbhost), ("port", self.dbport),
@@ -173,6 +205,8 @@ class Options:
 def _convert(name, value):
     """Convert a setting (from code, a config file or the command line) to its option's type."""
     default = DEFAULTS[name]
+    if name in PORT_OPTIONS:
+        return _port(name, value)
     if default is None:
         return value or None        # "login =" in a config file means: none
     if value is None:
@@ -187,9 +221,20 @@ def _convert(name, value):
         raise ValueError("option %s: %r is not a valid %s" % (name, value, type(default).__name__))
     if isinstance(value, (int, float)) and value < 0:
         raise ValueError("option %s: must not be negative" % name)
-    if name == "port" and value > 65535:
-        raise ValueError("option port: %d is not a TCP port" % value)
     return value
+
+
+def _port(name, value):
+    """A TCP port, 0 (any free one), or None ("none", or empty in a config file: no listener)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    try:
+        port = int(value)
+    except (ValueError, TypeError):
+        raise ValueError("option %s: %r is not a TCP port (or none)" % (name, value))
+    if not 0 <= port <= 65535:
+        raise ValueError("option %s: %d is not a TCP port" % (name, port))
+    return port
 
 
 def _parse_heart_beat(text):
@@ -210,11 +255,12 @@ def _parse_heart_beat(text):
 class ProtocolError(Exception):
     """The peer broke the protocol or a limit. It gets an ERROR frame and is disconnected."""
 
-    def __init__(self, message, receipt=None, headers=()):
+    def __init__(self, message, receipt=None, headers=(), delay=0.0):
         super().__init__(message)
         self.message = message
         self.receipt = receipt
         self.headers = tuple(headers)
+        self.delay = delay          # seconds to wait before the ERROR (a failed login)
 
 
 class Frame:
@@ -1604,6 +1650,19 @@ class Control:
                         ("purge/queue/", self.purge),
                         ("move/queue/", self.move))
 
+    def rights(self, name, frame):
+        """[(right, destination)] that a user needs for this control SEND (see Auth); "read"
+        is also granted by "admin" here (who administers a queue may count it)."""
+        for prefix, right in (("count-subscribers/", "read"), ("count-msgs/", "read"),
+                              ("purge/", "admin"), ("move/", "admin")):
+            if name.startswith(prefix):
+                wanted = [(right, "/" + name[len(prefix):])]
+                if prefix == "move/" and frame.headers.get("to"):
+                    # Replaying a dead-letter queue into a queue one may write to is fine.
+                    wanted.append(("write", frame.headers["to"]))
+                return wanted
+        return []       # touch (one's own message), or unknown (refused by handle())
+
     def handle(self, conn, name, frame):
         if name == "touch":
             return self.touch(conn, frame)
@@ -1687,6 +1746,245 @@ class Control:
 
 
 # ---------------------------------------------------------------------------------------------
+# Users and permissions: who may connect (--users FILE, --login/--passcode, a client
+# certificate), and what each may do. A user has three lists of destination globs: read
+# (SUBSCRIBE, and counting), write (SEND), admin (purge, move). A connection's `user` is None
+# when it may do everything (no users configured, or the --login user): the common case costs
+# one attribute test per frame.
+# ---------------------------------------------------------------------------------------------
+
+SCRYPT = {"n": 2 ** 14, "r": 8, "p": 1}     # 16 MiB and ~50 ms per hash: slow to guess
+LOGIN_FAILURE_DELAY = 1.0   # seconds before a failed login's ERROR: guessing is slow
+RIGHTS = ("read", "write", "admin")
+
+
+def hash_password(password, salt=None):
+    """'scrypt$N$R$P$SALT$HASH' (base64), the form a users file holds."""
+    import base64
+    import hashlib
+    salt = salt or os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **SCRYPT)
+    return "scrypt$%d$%d$%d$%s$%s" % (SCRYPT["n"], SCRYPT["r"], SCRYPT["p"],
+                                      base64.b64encode(salt).decode(),
+                                      base64.b64encode(digest).decode())
+
+
+def check_password_hash(encoded):
+    """Raise ValueError unless `encoded` is a hash verify_password() reads: scrypt$N$R$P$SALT$HASH
+    or pbkdf2_sha256$ITERATIONS$SALT$HASH (Django's form, for hashes made elsewhere)."""
+    import base64
+    parts = encoded.split("$")
+    try:
+        if parts[0] == "scrypt" and len(parts) == 6:
+            numbers, encoded_bytes = parts[1:4], parts[4:]
+        elif parts[0] == "pbkdf2_sha256" and len(parts) == 4:
+            numbers, encoded_bytes = parts[1:2], parts[3:]     # the salt is text
+        else:
+            raise ValueError
+        if not all(n.isdigit() and 0 < int(n) < 2 ** 31 for n in numbers):
+            raise ValueError
+        for part in encoded_bytes:
+            base64.b64decode(part, validate=True)
+    except ValueError:
+        raise ValueError("not a password hash (make one with: pymq hash-password)")
+
+
+def verify_password(password, encoded):
+    """Whether `password` matches `encoded` (checked by check_password_hash). Slow on purpose;
+    hashlib releases the GIL, so it runs in a thread while the hub goes on."""
+    import base64
+    import hashlib
+    parts = encoded.split("$")
+    if parts[0] == "scrypt":
+        n, r, p = (int(x) for x in parts[1:4])
+        salt, expected = base64.b64decode(parts[4]), base64.b64decode(parts[5])
+        digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p,
+                                dklen=len(expected), maxmem=256 * n * r + (1 << 20))
+    else:
+        iterations = int(parts[1])
+        # Django keeps the salt as text and the hash in base64.
+        salt, expected = parts[2].encode(), base64.b64decode(parts[3])
+        digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations,
+                                     len(expected))
+    return hmac.compare_digest(digest, expected)
+
+
+class User:
+    """A user of the users file: a password hash (None: certificate login only) and, per
+    right, one regular expression made of its globs (None: no destination)."""
+    __slots__ = ("name", "password", "read", "write", "admin", "_prefixes")
+
+    def __init__(self, name, password=None, read=(), write=(), admin=()):
+        self.name = name
+        self.password = password
+        for right, globs in zip(RIGHTS, (read, write, admin)):
+            pattern = "|".join(fnmatch.translate(glob) for glob in globs)
+            setattr(self, right, re.compile(pattern) if globs else None)
+        # For /topic/PREFIX* subscriptions: the read globs that are a plain prefix and a '*'.
+        self._prefixes = tuple(glob[:-1] for glob in read
+                               if glob.endswith("*") and not _has_wildcard(glob[:-1]))
+
+    def may(self, right, destination):
+        pattern = getattr(self, right)
+        return pattern is not None and pattern.match(destination) is not None
+
+    def may_subscribe(self, destination):
+        """A prefix subscription (/topic/P*) receives every topic starting with P, so a glob
+        that merely matches the text "/topic/P*" is not enough: some read glob must cover the
+        whole prefix."""
+        if destination.startswith("/topic/") and destination.endswith("*"):
+            prefix = destination[:-1]
+            return any(prefix.startswith(allowed) for allowed in self._prefixes)
+        return self.may("read", destination)
+
+    def __eq__(self, other):
+        return (isinstance(other, User) and self.name == other.name
+                and self.password == other.password
+                and all(getattr(self, r) == getattr(other, r) for r in RIGHTS))
+
+    __hash__ = None
+
+
+def _has_wildcard(text):
+    return any(c in text for c in "*?[")
+
+
+def read_users(path):
+    """{name: User} from a users file: INI, a section per user with `password` (a hash) and
+    `read`, `write`, `admin` (destination globs, separated by spaces or commas). Raises
+    ValueError saying what is wrong and where."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0none",
+                                       inline_comment_prefixes=(";", "#"))
+    try:
+        with open(path) as f:
+            parser.read_file(f)
+    except (OSError, UnicodeDecodeError, configparser.Error) as error:
+        raise ValueError("cannot read users file %s: %s" % (path, error))
+    users = {}
+    for name in parser.sections():
+        section = parser[name]
+        unknown = set(section) - {"password", *RIGHTS}
+        if unknown:
+            raise ValueError("users file %s, user %s: unknown key %s (keys: password, read, "
+                             "write, admin)" % (path, name, ", ".join(sorted(unknown))))
+        password = section.get("password") or None
+        if password is not None:
+            try:
+                check_password_hash(password)
+            except ValueError as error:
+                raise ValueError("users file %s, user %s: password is %s" % (path, name, error))
+        globs = {right: section.get(right, "").replace(",", " ").split() for right in RIGHTS}
+        for right, patterns in globs.items():
+            for glob in patterns:
+                if not glob.startswith("/"):
+                    raise ValueError("users file %s, user %s: %s pattern %r is not a "
+                                     "destination (/queue/..., /topic/...)"
+                                     % (path, name, right, glob))
+        users[name] = User(name, password, **globs)
+    return users
+
+
+class Auth:
+    """Logins and permissions: who a CONNECT is, and whether a frame is allowed."""
+
+    def __init__(self, options):
+        self.options = options
+        self.users = None       # {name: User} from the users file, if there is one
+        # A passcode that passed the slow check, remembered as a keyed digest, so that a
+        # reconnecting client does not cost 50 ms of hashing each time.
+        self._key = os.urandom(32)
+        self._verified = {}     # login -> (password hash, digest of the passcode)
+
+    def load(self):
+        if self.options.users:
+            self.users = read_users(self.options.users)
+
+    def login(self, conn, headers):
+        """The User the CONNECT `headers` authenticate, or None for one who may do
+        everything. Raises ProtocolError (delayed) for bad credentials."""
+        opts = self.options
+        login, passcode = headers.get("login"), headers.get("passcode")
+        if conn.cert_login is not None:
+            if login is not None and login != conn.cert_login:
+                return self._refuse(conn, login, "login differs from the certificate's CN %r"
+                                    % conn.cert_login)
+            login, passcode = conn.cert_login, None
+        if self.users is None and opts.login is None and opts.passcode is None:
+            return None                             # nobody configured: everyone may
+        user = self.users.get(login) if self.users is not None and login is not None else None
+        if user is not None:
+            if conn.cert_login is not None or self._password_ok(user, passcode):
+                return user
+        elif opts.login is not None or opts.passcode is not None:
+            # The one-user shortcut (it may do everything).
+            if (login == conn.cert_login and login == opts.login) or (
+                    _credential_ok(opts.login, login) and _credential_ok(opts.passcode, passcode)):
+                return None
+        return self._refuse(conn, login, "bad credentials")
+
+    def _password_ok(self, user, passcode):
+        if user.password is None or passcode is None:
+            return False
+        digest = hmac.new(self._key, passcode.encode(), "sha256").digest()
+        known = self._verified.get(user.name)
+        if known is not None and known[0] == user.password:
+            return hmac.compare_digest(known[1], digest)
+        if not gevent.get_hub().threadpool.apply(verify_password, (passcode, user.password)):
+            return False
+        self._verified[user.name] = (user.password, digest)
+        return True
+
+    def _refuse(self, conn, login, why):
+        log.warning("%s: login refused for %s: %s", conn.peer,
+                    "%r" % login[:100] if login is not None else "(no login)", why)
+        raise ProtocolError("bad credentials", delay=LOGIN_FAILURE_DELAY)
+
+    def authorize(self, conn, frame, control):
+        """Raise ProtocolError "access refused" unless conn.user may carry out `frame` (a SEND
+        or a SUBSCRIBE), before it touches anything."""
+        user = conn.user
+        destination = frame.headers.get("destination")
+        kind, name = parse_destination(destination)
+        if frame.command == "SUBSCRIBE":
+            allowed = kind == "control" or user.may_subscribe(destination)
+            wanted = [("read", destination)]
+        elif kind == "control":
+            wanted = control.rights(name, frame)
+            allowed = all(user.may(right, target) or (right == "read"
+                                                      and user.may("admin", target))
+                          for right, target in wanted)
+        else:
+            wanted = [("write", destination)]
+            allowed = user.may("write", destination)
+        if not allowed:
+            right, target = next((r, t) for r, t in wanted if not user.may(r, t))
+            raise ProtocolError("access refused: %s may not %s %s"
+                                % (user.name, right, target[:200]))
+
+    def reload(self, connections):
+        """Read the users file again (SIGHUP). New and changed users apply to new connections;
+        the connections of users no longer in the file are closed. A file that does not
+        parse is refused and the old one kept."""
+        if not self.options.users:
+            log.info("SIGHUP: no users file to reload")
+            return
+        try:
+            users = read_users(self.options.users)
+        except ValueError as error:
+            log.error("users file not reloaded, the old one is kept: %s", error)
+            return
+        old, self.users = self.users, users
+        self._verified.clear()
+        changed = [name for name in users if old.get(name) != users[name]]
+        removed = [name for name in old if name not in users]
+        log.info("users file %s reloaded: %d users, %d new or changed, %d removed",
+                 self.options.users, len(users), len(changed), len(removed))
+        for conn in list(connections):
+            if conn.user is not None and conn.user.name not in users:
+                conn.abort("access revoked: user %s was removed" % conn.user.name)
+
+
+# ---------------------------------------------------------------------------------------------
 # Broker: the one shared object, the glue. It routes each frame to topics, queues, the
 # message's life or control destinations; owns connections' sessions and transactions; never
 # touches a socket: it calls Connection.send(), send_receipt() and close(), and the storage.
@@ -1707,7 +2005,7 @@ class Broker:
         self._id_prefix = "%x-" % time.time_ns()
         self.stats = dict.fromkeys(("connections", "messages_in", "messages_out", "redelivered",
                                     "dead_lettered", "expired", "protocol_errors",
-                                    "slow_consumers", "refused"), 0)
+                                    "slow_consumers", "refused", "tls_failures"), 0)
         self.clock = Clock()
         self.topics = Topics(self._id_prefix, self.stats)
         self.queues = Queues(self.options, self.clock, self.stats)
@@ -1715,6 +2013,7 @@ class Broker:
         self.queues.redelivery = self.redelivery
         self.schedule = None
         self.control = Control(self)
+        self.auth = Auth(self.options)
         self._handlers = {
             "SEND": self.on_send, "SUBSCRIBE": self.on_subscribe,
             "UNSUBSCRIBE": self.on_unsubscribe, "ACK": self.queues.ack,
@@ -1724,6 +2023,7 @@ class Broker:
         self.drained = self.queues.drained      # a connection's backlog was written
 
     def start(self):
+        self.auth.load()
         storage = self.storage
         self.queues.storage = self.redelivery.storage = storage
         self.schedule = Schedule(self.clock, storage, self.redelivery)
@@ -1755,6 +2055,8 @@ class Broker:
                 if frame.command in ("CONNECT", "STOMP"):
                     raise ProtocolError("already connected")
                 raise ProtocolError("unknown command %r" % frame.command[:100])
+            if conn.user is not None and frame.command in ("SEND", "SUBSCRIBE"):
+                self.auth.authorize(conn, frame, self.control)
             tx = frame.headers.get("transaction")
             if tx is not None and frame.command in ("SEND", "ACK", "NACK"):
                 # Checked now, so that COMMIT cannot fail half-way: all or nothing.
@@ -1798,9 +2100,7 @@ class Broker:
         headers = frame.headers
         version = negotiate_version(headers.get("accept-version"))
         opts = self.options
-        if not (_credential_ok(opts.login, headers.get("login"))
-                and _credential_ok(opts.passcode, headers.get("passcode"))):
-            raise ProtocolError("bad credentials")
+        conn.user = self.auth.login(conn, headers)
         send_ms, recv_ms = negotiate_heart_beat(headers.get("heart-beat"), opts.heart_beat_ms,
                                                 version)
         conn.session = "%s%d" % (self._id_prefix, next(self._sessions))
@@ -1960,7 +2260,9 @@ def negotiate_version(accept_version):
 
 def negotiate_heart_beat(header, server_ms, version):
     """Return (send_ms, recv_ms): how often we send heart-beats and how often the client
-    promised to. Each direction is on only when both sides want it, at the slower of the two."""
+    promised to. Each direction is on only when both sides want it, at the slower of the two.
+    Our send side offers a floor (the fastest we will beat), so a client that asks for a beat
+    every 500 ms gets one every 500 ms, as from RabbitMQ and ActiveMQ."""
     if header is None or version == "1.0":
         return 0, 0
     try:
@@ -1995,11 +2297,14 @@ def _credential_ok(expected, given):
 # ---------------------------------------------------------------------------------------------
 
 class Connection:
-    def __init__(self, broker, sock, peer):
+    def __init__(self, broker, sock, peer, accepted_at=None, tls=False, cert_login=None):
         opts = broker.options
         self.broker = broker
         self.sock = sock
         self.peer = "%s:%s" % peer[:2] if isinstance(peer, tuple) else str(peer)
+        self.tls = tls                 # sock is a gevent SSLSocket: see _read_loop and _flush
+        self.cert_login = cert_login   # the verified client certificate's subject CN
+        self.user = None               # once CONNECTed: its User, None if it may do anything
         self.parser = FrameParser(opts.max_headers, opts.max_header_line, opts.max_body)
         self.version = None            # protocol version, once CONNECTed
         self.session = None
@@ -2014,7 +2319,8 @@ class Connection:
         # bytes, receipt id). Each goes once its batch is durable or its message is ACKed.
         self._receipts = None
         self._receipts_sent = gevent.event.Event()
-        self.accepted_at = time.monotonic()
+        # connect-timeout counts from the TCP accept (a TLS handshake included).
+        self.accepted_at = accepted_at or time.monotonic()
         self.last_read = self.last_write = self.accepted_at
         self.send_interval = self.recv_interval = 0.0   # heart-beats, seconds
         self._frame_started = None     # when the first byte of an unfinished frame arrived
@@ -2131,7 +2437,9 @@ class Connection:
             error["receipt-id"] = receipt
         self.close(error)
         try:
-            self.sock.shutdown(socket.SHUT_RD)      # wakes the reader
+            # Wakes the reader. The plain socket's shutdown(), not SSLSocket's: that one drops
+            # the TLS layer, and the ERROR would go out in clear.
+            gevent.socket.socket.shutdown(self.sock, socket.SHUT_RD)
         except OSError:
             pass
 
@@ -2146,6 +2454,8 @@ class Connection:
             failed = True
             self.broker.stats["protocol_errors"] += 1
             log.info("%r: %s", self, error.message)
+            if error.delay:
+                gevent.sleep(error.delay)
             self._send_error(error)
         except OSError as error:
             log.debug("%r: %s", self, error)
@@ -2171,7 +2481,7 @@ class Connection:
         # gets before anything can yield. (A fresh 64 KiB bytes per recv() fragmented the C
         # heap: the 10-minute soak grew RSS 10-14 % with flat live memory.)
         buffer = self.broker.recv_buffer
-        drained = False
+        drained = False             # stays so over TLS: decrypted bytes may wait in the SSL object
         while not self.closing:
             sock.settimeout(self._read_timeout())
             try:
@@ -2184,7 +2494,7 @@ class Connection:
                 continue            # _read_timeout() raises for the deadline that passed
             if not size:
                 return
-            drained = size < len(buffer)
+            drained = size < len(buffer) and not self.tls
             self.last_read = time.monotonic()
             parser.feed(buffer[:size])
             finished = False
@@ -2237,12 +2547,15 @@ class Connection:
             data = b"".join(self._out)
             self._out.clear()
             self._out_bytes = 0
-            try:
-                sent = self.sock._sock.send(data)       # the non-blocking socket underneath
-            except BlockingIOError:
-                sent = 0
-            except OSError as error:
-                return self._write_failed(error)
+            if self.tls:
+                sent = 0        # an SSL write may stop mid-record: the writer does it all
+            else:
+                try:
+                    sent = self.sock._sock.send(data)       # the non-blocking socket underneath
+                except BlockingIOError:
+                    sent = 0
+                except OSError as error:
+                    return self._write_failed(error)
             self.last_write = time.monotonic()
             if sent < len(data):
                 self._writing = len(data) - sent
@@ -2324,7 +2637,8 @@ class Connection:
 # ---------------------------------------------------------------------------------------------
 
 class Server:
-    """A broker listening on a TCP address. Use from a gevent program:
+    """A broker listening on a TCP address, and on a TLS one if configured. Use from a gevent
+    program:
 
         server = Server(Options(port=0)).start()     # or pymq.start(port=0)
         host, port = server.address
@@ -2336,66 +2650,165 @@ class Server:
         self.broker = Broker(self.options)
         self.storage = None
         self.connections = set()       # every open connection, CONNECTed or not
-        self._server = None
+        self._handshakes = 0           # TLS handshakes under way: connections too
+        self._tcp = self._tls = None   # the StreamServers
+        self._started = False
         self._stopped = gevent.event.Event()
 
     @property
     def address(self):
-        return self._server.address[:2]
+        """(host, port) of the plain listener, or of the TLS one when there is no plain one."""
+        return (self._tcp or self._tls).address[:2]
+
+    @property
+    def tls_address(self):
+        return self._tls.address[:2] if self._tls else None
+
+    def _listeners(self):
+        return [server for server in (self._tcp, self._tls) if server is not None]
 
     def start(self):
         opts = self.options
+        tls_context = make_tls_context(opts) if opts.tls_port is not None else None
         self.storage = self.broker.storage = pymq_storage.open_storage(opts.db, opts.db_retry)
         self.broker.start()
-        self._server = gevent.server.StreamServer((opts.host, opts.port), self._handle,
-                                                  backlog=1024)
         try:
-            self._server.start()
+            if opts.port is not None:
+                self._tcp = gevent.server.StreamServer((opts.host, opts.port), self._handle,
+                                                       backlog=1024)
+                self._tcp.start()
+            if tls_context is not None:
+                self._tls_context = tls_context
+                self._tls = gevent.server.StreamServer((opts.host, opts.tls_port),
+                                                       self._handle_tls, backlog=1024)
+                self._tls.start()
         except BaseException:
+            for server in self._listeners():
+                server.close()
             self.storage.close()
             raise
-        log.info("pymq %s listening on %s:%d", __version__, *self.address)
+        self._started = True
+        if self._tcp:
+            log.info("pymq %s listening on %s:%d", __version__, *self._tcp.address[:2])
+        if self._tls:
+            log.info("pymq %s listening for TLS on %s:%d%s", __version__, *self._tls.address[:2],
+                     " (client certificates required)" if opts.tls_ca else "")
         return self
 
-    def _handle(self, sock, peer):
+    def _accept(self, sock, peer):
+        """Socket options for a new TCP connection; False if max-connections is reached."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for name, value in KEEPALIVE.items():
             if hasattr(socket, name):       # Linux; elsewhere the system's defaults
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-        if len(self.connections) >= self.options.max_connections:
-            self.broker.stats["refused"] += 1
-            log.warning("refused a connection from %s:%s: max-connections (%d) reached",
-                        peer[0], peer[1], self.options.max_connections)
+        if len(self.connections) + self._handshakes < self.options.max_connections:
+            return True
+        self.broker.stats["refused"] += 1
+        log.warning("refused a connection from %s:%s: max-connections (%d) reached",
+                    peer[0], peer[1], self.options.max_connections)
+        return False
+
+    def _handle(self, sock, peer):
+        if not self._accept(sock, peer):
             sock.sendall(encode_frame("ERROR", {"message": "too many connections"}, b"", "1.0"))
             return      # StreamServer closes the socket
-        conn = Connection(self.broker, sock, peer)
+        self._serve(Connection(self.broker, sock, peer))
+
+    def _handle_tls(self, sock, peer):
+        # Refused before the handshake, so a flood costs no crypto: the client sees the
+        # connection closed (an ERROR in clear would be garbage to it).
+        if not self._accept(sock, peer):
+            return
+        accepted_at = time.monotonic()
+        self._handshakes += 1
+        try:
+            tls = self._tls_handshake(sock, peer)
+        finally:
+            self._handshakes -= 1
+        if tls is not None:
+            cert_login = None
+            if self.options.tls_cert_login:
+                cert_login = certificate_cn(tls.getpeercert())
+            self._serve(Connection(self.broker, tls, peer, accepted_at, True, cert_login))
+
+    def _tls_handshake(self, sock, peer):
+        """The TLS socket once the handshake is done (within connect-timeout), or None."""
+        tls = self._tls_context.wrap_socket(sock, server_side=True,
+                                            do_handshake_on_connect=False)
+        tls.settimeout(self.options.connect_timeout)
+        try:
+            tls.do_handshake()
+            return tls
+        except (OSError, ValueError) as error:     # ssl.SSLError, a timeout, a reset
+            self.broker.stats["tls_failures"] += 1
+            log.info("%s:%s: TLS handshake failed: %s", peer[0], peer[1], error)
+            tls.close()     # wrap_socket() took the socket over from StreamServer
+            return None
+
+    def _serve(self, conn):
         self.connections.add(conn)
         try:
             conn.serve()
         finally:
             self.connections.discard(conn)
 
+    def reload_users(self):
+        """Read the users file again (what SIGHUP does)."""
+        self.broker.auth.reload(self.connections)
+
     def serve_forever(self):
-        if self._server is None:
+        if not self._started:
             self.start()
         self._stopped.wait()
 
     def stop(self, timeout=FLUSH_TIMEOUT):
         """Stop accepting; commit what was accepted, so its RECEIPTs still go out; tell every
         client; let connections flush and close; close the store."""
-        if self._server is None or self._stopped.is_set():
+        if not self._started or self._stopped.is_set():
             return
-        self._server.close()
+        for server in self._listeners():
+            server.close()
         self.storage.flush()
         for conn in list(self.connections):
             conn.abort("server shutting down")
-        self._server.stop(timeout=timeout)
+        for server in self._listeners():
+            server.stop(timeout=timeout)
         self.broker.stop()
         self.storage.close()         # commits the writes still pending: nothing accepted is lost
         log.info("pymq stopped; storage: %s", ", ".join(
             "%d %s" % (value, key) for key, value in self.storage.stats.items()))
         self._stopped.set()
+
+
+def make_tls_context(options):
+    """The server's TLS context: TLS 1.2 and up, its certificate, and client certificates
+    required and verified when --tls-ca is given. Raises ValueError naming the file at fault."""
+    import gevent.ssl      # only a TLS listener needs it
+    import ssl
+    context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(options.tls_cert, options.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError("cannot load TLS certificate %s with key %s: %s"
+                         % (options.tls_cert, options.tls_key, error))
+    if options.tls_ca:
+        try:
+            context.load_verify_locations(options.tls_ca)
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError("cannot load TLS CA certificates %s: %s" % (options.tls_ca, error))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def certificate_cn(cert):
+    """The subject commonName of a verified peer certificate (ssl's getpeercert() dict)."""
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
 
 
 def start(**options):
@@ -2425,8 +2838,12 @@ pymq: a STOMP message broker.
 
 Usage:
   pymq [options]
+  pymq hash-password
   pymq (-h | --help)
   pymq --version
+
+hash-password reads a password (from stdin, or asked twice on a terminal) and prints its
+hash, for a users file (--users).
 
 Options:
   -h --help                 show this text
@@ -2464,7 +2881,8 @@ def read_config(path):
     values = dict(parser.items("pymq"))
     for key in values:
         if key not in DEFAULTS:
-            raise ValueError("config file %s: unknown option %r" % (path, key))
+            raise ValueError("config file %s: unknown option %s%s"
+                             % (path, key, _did_you_mean(key, DEFAULTS)))
     return values
 
 
@@ -2483,18 +2901,75 @@ def raise_fd_limit():
         log.warning("cannot raise the file descriptor limit: %s", error)
 
 
+def check_args(argv):
+    """Refuse, in plain words, what docopt would answer with its usage text or take for
+    something else: an unknown option (with the nearest known one), an abbreviated one (docopt
+    takes a unique prefix, which a new option can make ambiguous), a missing value. Raises
+    ValueError."""
+    valued = {"--config"} | {"--" + name for name, _, metavar, _ in OPTIONS if metavar}
+    known = sorted(valued | {"--" + name for name in DEFAULTS} | {"--help", "--version", "-h"})
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            break
+        if not arg.startswith("-") or arg == "-":
+            raise ValueError("unexpected argument %r (options start with --; see pymq --help)"
+                             % arg)
+        flag = arg.split("=", 1)[0]
+        if flag not in known:
+            raise ValueError("unknown option %s%s" % (flag, _did_you_mean(flag, known)))
+        if flag in valued and "=" not in arg and next(args, None) is None:
+            raise ValueError("option %s needs a value" % flag)
+
+
+def _did_you_mean(word, choices):
+    nearest = difflib.get_close_matches(word, choices, 1, 0.75)
+    return "; did you mean %s?" % nearest[0] if nearest else " (see pymq --help)"
+
+
+def hash_password_command(args):
+    """pymq hash-password: the password from the terminal (asked twice) or from stdin (one
+    line), never from the command line, where ps and the shell history would show it."""
+    if args:
+        print("pymq: hash-password reads the password from stdin, not from arguments",
+              file=sys.stderr)
+        return 2
+    if sys.stdin.isatty():
+        import getpass
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("pymq: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("pymq: empty password", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
 def main(argv=None):
     from docopt import docopt     # only the command line needs it
-    args = docopt(USAGE, argv, version="pymq " + __version__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hash-password"]:
+        return hash_password_command(argv[1:])
     try:
-        options = options_from_args(args)
+        check_args(argv)
+        options = options_from_args(docopt(USAGE, argv, version="pymq " + __version__))
     except ValueError as error:
         print("pymq: %s" % error, file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.DEBUG if options.debug else logging.INFO, stream=sys.stderr,
+    level = logging.DEBUG if options.debug else LOG_LEVELS[options.log_level]
+    logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.umask(0o007)     # data files are not for other users
     raise_fd_limit()
+    # Handlers first: a SIGTERM that comes while the store opens, or right after the
+    # "listening" line, stops the broker cleanly instead of killing it.
+    stop_asked = gevent.event.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, stop_asked.set)
     server = Server(options)
     try:
         server.start()
@@ -2502,9 +2977,9 @@ def main(argv=None):
         log.error("cannot start on %s:%d with store %s: %s", options.host, options.port,
                   without_password(options.db), error)
         return 1
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(signum, lambda: gevent.spawn(server.stop))
-    server.serve_forever()
+    gevent.signal_handler(signal.SIGHUP, server.reload_users)
+    stop_asked.wait()
+    server.stop()
     return 0
 
 

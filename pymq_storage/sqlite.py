@@ -12,6 +12,7 @@ index only when its WHERE repeats the index's condition literally (``due = 0``, 
 """
 
 import json
+import os
 import sqlite3
 
 from .base import Backend, StoredMessage
@@ -65,6 +66,23 @@ CHUNKS = (256, 32, 4, 1)
 OF_QUEUE = "((queue = :queue AND due = 0) OR (queue = :queue AND due > 0))"
 
 
+def _check_directory(path):
+    """Say which directory is wrong, and why: sqlite3 only says "unable to open database
+    file". SQLite writes its journal files next to the database, so the directory must be
+    writable even when the file exists."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(directory):
+        raise OSError("cannot create %s: directory %s does not exist" % (path, directory))
+    if not os.path.isdir(directory):
+        raise OSError("cannot create %s: %s is not a directory" % (path, directory))
+    if not os.access(directory, os.W_OK | os.X_OK):
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            why = "it is on a read-only filesystem"
+        else:
+            why = "not by this user (uid %d)" % os.geteuid()
+        raise OSError("cannot write %s: directory %s is not writable: %s" % (path, directory, why))
+
+
 class SchemaError(Exception):
     pass
 
@@ -99,6 +117,7 @@ class SQLiteBackend(Backend):
         self.db = None
 
     def open(self):
+        _check_directory(self.path)
         db = self.db = sqlite3.connect(self.path, isolation_level=None)
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0 and db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:

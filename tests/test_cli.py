@@ -1,5 +1,6 @@
 """pymq as ops run it (the command line, a config file, signals) and as programs embed it."""
 
+import os
 import re
 import signal
 import subprocess
@@ -45,10 +46,83 @@ def test_bad_options_exit_2_with_a_message(args, message):
     assert message in result.stderr
 
 
-def test_unknown_option_prints_usage():
-    result = run_pymq("--no-such-option")
-    assert result.returncode != 0
-    assert "Usage:" in result.stdout + result.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--prot", "61613"], "pymq: unknown option --prot; did you mean --port?"),
+    (["--port=61613", "--hearbeat", "0,0"], "unknown option --hearbeat; did you mean --heart-beat?"),
+    (["--po", "61613"], "unknown option --po; did you mean --port?"),     # no abbreviations
+    (["--no-such-option"], "pymq: unknown option --no-such-option (see pymq --help)"),
+    (["61613"], "unexpected argument '61613'"),
+    (["--port"], "option --port needs a value"),
+    (["--log-level", "verbose"], "log-level: 'verbose' is not one of debug, info, warning, error"),
+])
+def test_unknown_or_misspelt_options_are_named_in_plain_words(args, message):
+    result = run_pymq(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip() == message or message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "Usage:" not in result.stderr
+
+
+def test_unknown_option_in_a_config_file_suggests_the_nearest(tmp_path):
+    config = tmp_path / "pymq.conf"
+    config.write_text("[pymq]\nprot = 1234\n")
+    result = run_pymq("--config", str(config))
+    assert result.returncode == 2
+    assert "unknown option prot; did you mean port?" in result.stderr
+
+
+def test_an_option_value_may_start_with_a_dash(broker_process):
+    broker = broker_process("--login", "-me-", "--passcode", "--secret")
+    client = RawClient(broker.address)
+    client.connect("1.2", login="-me-", passcode="--secret")
+    assert broker.stop() == 0
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory this process cannot write to: a read-only tmpfs as root (root ignores
+    permission bits), mode 0500 otherwise."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if os.geteuid() == 0:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                       check=True)
+        yield path
+        subprocess.run(["umount", "-l", str(path)], check=False)
+    else:
+        path.chmod(0o500)
+        yield path
+        path.chmod(0o700)
+
+
+@pytest.mark.parametrize("where, cause", [
+    ("missing", "does not exist"),
+    ("file", "is not a directory"),
+    ("read-only", "is not writable: "),      # "... not by this user", "... read-only filesystem"
+])
+def test_db_in_a_bad_directory_names_it_and_the_cause(tmp_path, request, where, cause):
+    if where == "missing":
+        directory = tmp_path / "no" / "such"
+    elif where == "file":
+        directory = tmp_path / "plain-file"
+        directory.write_text("")
+    else:
+        directory = request.getfixturevalue("read_only_dir")
+    result = run_pymq("--port", "0", "--db", str(directory / "pymq.db"))
+    assert result.returncode == 1
+    error = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(error) == 1, result.stderr
+    assert str(directory) in error[0] and cause in error[0], error[0]
+
+
+def test_log_level_warning_hides_info_lines(broker_process):
+    # The broker's start-up line is INFO, so start at info and check the level another way:
+    # a warning-level broker logs nothing for a connection that comes and goes.
+    broker = broker_process("--log-level", "info")
+    assert any(" INFO pymq: " in line for line in broker.log)
+    assert broker.stop() == 0
+    result = run_pymq("--log-level", "warning", "--port", "0", "--db", "/nonexistent/x.db")
+    assert result.returncode == 1
+    assert " INFO " not in result.stderr and " ERROR pymq: cannot start" in result.stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -94,7 +168,7 @@ def test_config_file_errors(tmp_path):
     config = tmp_path / "pymq.conf"
     config.write_text("[pymq]\nprot = 1234\n")
     result = run_pymq("--config", str(config))
-    assert result.returncode == 2 and "unknown option 'prot'" in result.stderr
+    assert result.returncode == 2 and "unknown option prot" in result.stderr
     config.write_text("[other]\nport = 1\n")
     result = run_pymq("--config", str(config))
     assert result.returncode == 2 and "no [pymq] section" in result.stderr

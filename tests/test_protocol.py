@@ -281,6 +281,20 @@ def test_broker_sends_heart_beats_at_the_negotiated_interval(start_broker):
     client.close()
 
 
+def test_default_broker_beats_as_often_as_the_client_asks(broker):
+    """As RabbitMQ and ActiveMQ do: a client asking for a beat every 500 ms gets one every
+    500 ms (the broker's offer is a floor, 100 ms), and is asked for none faster than 10 s."""
+    from conftest import RawClient
+    client = RawClient(broker.address)
+    frame = client.connect("1.2", heart_beat="1000,500")
+    assert frame.headers["heart-beat"] == "500,10000"
+    elapsed = read_heart_beats(client, 4, timeout=5)
+    assert 1.5 < elapsed < 3.0, elapsed
+    client = RawClient(broker.address)
+    assert client.connect("1.2", heart_beat="0,20").headers["heart-beat"] == "100,0"
+    client.close()
+
+
 def test_no_heart_beats_when_the_client_does_not_want_them(start_broker):
     from conftest import RawClient
     broker = start_broker(heart_beat="50,50")
