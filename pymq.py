@@ -2901,25 +2901,46 @@ def raise_fd_limit():
         log.warning("cannot raise the file descriptor limit: %s", error)
 
 
-def check_args(argv):
-    """Refuse, in plain words, what docopt would answer with its usage text or take for
-    something else: an unknown option (with the nearest known one), an abbreviated one (docopt
-    takes a unique prefix, which a new option can make ambiguous), a missing value. Raises
-    ValueError."""
+# ocamlmq's command line (its -help): single dash, the value in the next argument. Each means
+# what the double-dash option of the same name means here, so a start script only changes the
+# program's name.
+OCAMLMQ_FLAGS = ("dbhost", "dbport", "dbdatabase", "dbsockdir", "dbuser", "dbpassword",
+                 "dbmaxconns", "port", "login", "passcode", "initdb", "debug", "help")
+
+
+def translate_args(argv):
+    """The command line as docopt should see it: ocamlmq's single-dash options turned into
+    ours, and an option given twice given once (the later wins, as a start script that
+    appends an override expects). Refuses, in plain words, what docopt would answer with its
+    usage text or take for something else: an unknown option (with the nearest known one),
+    an abbreviated one (docopt takes a unique prefix, which a new option can make ambiguous),
+    a missing value. Raises ValueError."""
     valued = {"--config"} | {"--" + name for name, _, metavar, _ in OPTIONS if metavar}
     known = sorted(valued | {"--" + name for name in DEFAULTS} | {"--help", "--version", "-h"})
-    args = iter(argv)
+    single = ["-" + name for name in OCAMLMQ_FLAGS]
+    args, given = iter(argv), {}       # option -> its arguments, as docopt will see them
     for arg in args:
         if arg == "--":
-            break
+            raise ValueError("unexpected argument '--' (see pymq --help)")
         if not arg.startswith("-") or arg == "-":
             raise ValueError("unexpected argument %r (options start with --; see pymq --help)"
                              % arg)
-        flag = arg.split("=", 1)[0]
-        if flag not in known:
-            raise ValueError("unknown option %s%s" % (flag, _did_you_mean(flag, known)))
-        if flag in valued and "=" not in arg and next(args, None) is None:
-            raise ValueError("option %s needs a value" % flag)
+        typed = flag = arg.split("=", 1)[0]
+        if flag in single:
+            flag = arg = "-" + arg
+        elif flag not in known:
+            choices = known if flag.startswith("--") else single + known
+            raise ValueError("unknown option %s%s" % (flag, _did_you_mean(flag, choices)))
+        if "=" in arg and flag not in valued:
+            raise ValueError("option %s takes no value" % typed)
+        given.pop(flag, None)
+        given[flag] = [arg]
+        if flag in valued and "=" not in arg:
+            value = next(args, None)
+            if value is None:
+                raise ValueError("option %s needs a value" % typed)
+            given[flag].append(value)
+    return [part for parts in given.values() for part in parts]
 
 
 def _did_you_mean(word, choices):
@@ -2955,7 +2976,7 @@ def main(argv=None):
     if argv[:1] == ["hash-password"]:
         return hash_password_command(argv[1:])
     try:
-        check_args(argv)
+        argv = translate_args(argv)
         options = options_from_args(docopt(USAGE, argv, version="pymq " + __version__))
     except ValueError as error:
         print("pymq: %s" % error, file=sys.stderr)
@@ -2974,8 +2995,10 @@ def main(argv=None):
     try:
         server.start()
     except Exception as error:
-        log.error("cannot start on %s:%d with store %s: %s", options.host, options.port,
-                  without_password(options.db), error)
+        # One line, like every event in the log (libpq's messages span several).
+        log.error("cannot start on %s:%s with store %s: %s", options.host,
+                  options.port if options.port is not None else options.tls_port,
+                  without_password(options.db), re.sub(r"\s*\n\s*", " ", str(error).strip()))
         return 1
     gevent.signal_handler(signal.SIGHUP, server.reload_users)
     stop_asked.wait()

@@ -6,6 +6,7 @@ blocking sockets and stomp.py (which uses threads) without any monkey-patching.
 
 import itertools
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -299,13 +300,15 @@ def stomp_client(broker):
 class BrokerProcess:
     """`python pymq.py ARGS` in a subprocess, as ops run it; its port is read from its log."""
 
-    def __init__(self, *args, cwd=None):
+    def __init__(self, *args, cwd=None, port="0"):
         import subprocess
         import tempfile
+        self._tmp = None
         if cwd is None:
             cwd = self._tmp = tempfile.mkdtemp(prefix="pymq-test-")    # for the default pymq.db
+        ports = ("--port", port) if port is not None else ()
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "pymq.py"), "--port", "0", *args], cwd=cwd,
+            [sys.executable, str(ROOT / "pymq.py"), *ports, *args], cwd=cwd,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines = queue.Queue()
         self.log = []
@@ -331,7 +334,6 @@ class BrokerProcess:
 
     def stop(self, signum=None, timeout=10):
         """Send `signum` (default SIGTERM) and return the exit code."""
-        import signal
         if self.proc.poll() is None:
             self.proc.send_signal(signum or signal.SIGTERM)
         try:
@@ -341,6 +343,9 @@ class BrokerProcess:
                 self.proc.kill()
             self.proc.wait()
             self.proc.stdout.close()
+            if self._tmp is not None:
+                import shutil
+                shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 @pytest.fixture
@@ -355,9 +360,7 @@ def broker_process():
 
     yield start
     for process in processes:
-        if process.proc.poll() is None:
-            process.proc.kill()
-            process.proc.wait()
+        process.stop(signal.SIGKILL)
 
 
 # -- storage driven from the test's own thread (gevent without monkey-patching) ---------------

@@ -54,12 +54,31 @@ def test_bad_options_exit_2_with_a_message(args, message):
     (["61613"], "unexpected argument '61613'"),
     (["--port"], "option --port needs a value"),
     (["--log-level", "verbose"], "log-level: 'verbose' is not one of debug, info, warning, error"),
+    (["-prot", "61613"], "pymq: unknown option -prot; did you mean -port?"),
+    (["-maxmsgs", "10"], "pymq: unknown option -maxmsgs"),     # not in ocamlmq's -help list
+    (["-dbport"], "option -dbport needs a value"),
+    (["--debug=yes"], "option --debug takes no value"),
 ])
 def test_unknown_or_misspelt_options_are_named_in_plain_words(args, message):
     result = run_pymq(*args)
     assert result.returncode == 2
     assert result.stderr.strip() == message or message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "Usage:" not in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["-help", "--help", "-h"])
+def test_help_in_ocamlmq_spelling_too(flag):
+    result = run_pymq(flag)
+    assert result.returncode == 0 and result.stdout.strip() == pymq.USAGE.strip()
+
+
+def test_an_option_given_twice_the_later_wins(broker_process):
+    broker = broker_process("--max-headers", "100", "-port", "0", "--max-headers=7")
+    client = RawClient(broker.address)
+    client.connect("1.2")
+    client.send("SEND", {"destination": "/topic/t", **{"h%d" % i: "v" for i in range(8)}})
+    client.expect_error("too many headers")
+    assert broker.stop() == 0
 
 
 def test_unknown_option_in_a_config_file_suggests_the_nearest(tmp_path):

@@ -41,6 +41,64 @@ def test_ocamlmq_flags_select_postgresql(cluster, broker_process):
     db.close()
 
 
+def stored_bodies(url, queue):
+    import psycopg2
+    db = psycopg2.connect(url)
+    try:
+        with db.cursor() as cursor:
+            cursor.execute("SELECT body FROM pymq_messages WHERE queue = %s ORDER BY seq",
+                           (queue,))
+            return [bytes(row[0]) for row in cursor.fetchall()]
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("host_flag", ["-dbsockdir", "-dbhost"])
+def test_ocamlmq_command_line_as_it_is(cluster, host_flag):
+    """ocamlmq's own command line (single dash, value apart), only the program changed."""
+    from conftest import BrokerProcess
+    cluster.create_database("mq")
+    broker = BrokerProcess("-port", "0", host_flag, cluster.dir, "-dbport", str(cluster.port),
+                           "-dbuser", "postgres", "-dbpassword", "unused", "-dbdatabase", "mq",
+                           "-dbmaxconns", "10", "-login", "ocaml", "-passcode", "mq",
+                           "-initdb", "-debug", port=None)
+    try:
+        wrong = RawClient(broker.address)
+        wrong.send("CONNECT", {"login": "ocaml", "passcode": "guess"})
+        wrong.expect_error("bad credentials")
+        client = RawClient(broker.address)
+        client.connect("1.0", login="ocaml", passcode="mq")      # ocamlmq's clients speak 1.0
+        client.request("SEND", {"destination": "/queue/jobs"}, b"as before")
+        broker.wait_for_log(r"SEND")                               # -debug: frames logged
+        assert broker.stop() == 0
+    finally:
+        broker.stop()
+    assert stored_bodies(cluster.url("mq"), "jobs") == [b"as before"]
+
+
+def test_without_dbdatabase_the_database_is_named_after_the_user(cluster):
+    from conftest import BrokerProcess
+    broker = BrokerProcess("-port", "0", "-dbsockdir", cluster.dir, "-dbport", str(cluster.port),
+                           "-dbuser", "postgres", port=None)
+    try:
+        client = RawClient(broker.address)
+        client.connect("1.0")
+        client.request("SEND", {"destination": "/queue/q"}, b"in postgres, the user's database")
+        assert broker.stop() == 0
+    finally:
+        broker.stop()
+    assert stored_bodies(cluster.url("postgres"), "q") == [b"in postgres, the user's database"]
+
+
+def test_ocamlmq_flags_mix_with_pymq_options(broker_process):
+    broker = broker_process("-port", "0", "--db", "memory:", "--max-headers", "7")
+    client = RawClient(broker.address)
+    client.connect("1.2")
+    client.send("SEND", {"destination": "/topic/t", **{"h%d" % i: "v" for i in range(8)}})
+    client.expect_error("too many headers")
+    assert broker.stop() == 0
+
+
 def test_password_is_not_logged(cluster, broker_process):
     url = cluster.create_database()
     parts = urllib.parse.urlsplit(url)
