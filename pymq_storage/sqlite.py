@@ -283,6 +283,24 @@ class SQLiteBackend(Backend):
                 % ",".join(["(?)"] * len(chunk)), chunk))
         return held
 
+    def count_stored(self):
+        return self.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+
+    def depths(self, read):
+        # As count(): the two partial indexes (a range of each where the glob starts with
+        # literal text), minus the few expired. SQLite's GLOB is fnmatch's but for [!...].
+        return self.db.execute(
+            "SELECT queue, SUM(n) FROM ("
+            "SELECT queue, COUNT(*) AS n FROM messages WHERE queue GLOB :glob AND due = 0 "
+            "GROUP BY queue UNION ALL "
+            "SELECT queue, COUNT(*) FROM messages WHERE queue GLOB :glob AND due > 0 "
+            "GROUP BY queue UNION ALL "
+            "SELECT queue, -COUNT(*) FROM messages WHERE expires > 0 AND expires <= :now "
+            "AND queue GLOB :glob GROUP BY queue) "
+            "GROUP BY queue HAVING SUM(n) > 0 ORDER BY queue LIMIT :limit",
+            {"glob": read.pattern.replace("[!", "[^"), "now": read.now, "limit": read.limit}
+        ).fetchall()
+
     def expired(self, read):
         expires, seq = read.after or (0, 0)
         rows = self.db.execute(

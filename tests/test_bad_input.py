@@ -124,7 +124,8 @@ class Scene:
         assert delta == {"connections": self.connected if connections is None else connections,
                          "messages_in": messages_in, "messages_out": messages_out,
                          "protocol_errors": protocol_errors, "slow_consumers": 0,
-                         "redelivered": 0, "refused": 0, "dead_lettered": 0, "expired": 0}
+                         "redelivered": 0, "refused": 0, "dead_lettered": 0, "expired": 0,
+                         "acked": 0, "nacked": 0, "ack_timeouts": 0}
         self.bystander.check()
         self.bystander.check()
         self.before = self.broker.stats
