@@ -2494,8 +2494,9 @@ class HTTPListener:
         self._wsgi.start()
         return self
 
-    def stop(self, timeout):
-        self._wsgi.stop(timeout=timeout)
+    def stop(self):
+        # At once: a scraper's idle keep-alive connection must not hold up the shutdown.
+        self._wsgi.stop(timeout=0)
 
     def _handle(self, sock, address):
         sock.settimeout(HTTP_TIMEOUT)       # a client that stalls is dropped, not kept forever
@@ -2637,7 +2638,7 @@ class Server:
         self.broker.stop()
         self.storage.close()         # commits the writes still pending: nothing accepted is lost
         if self.http is not None:
-            self.http.stop(timeout)
+            self.http.stop()
         log.info("pymq stopped; storage: %s", ", ".join(
             "%d %s" % (value, key) for key, value in self.storage.stats.items()))
         self._stopped.set()

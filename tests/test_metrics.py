@@ -264,6 +264,16 @@ def test_healthz_says_shutting_down(start_broker):
         socket.create_connection(address, timeout=TIMEOUT)
 
 
+def test_an_idle_keep_alive_connection_does_not_hold_up_the_shutdown(start_broker):
+    broker = start_broker(http_port=0)
+    with socket.create_connection(broker.server.http_address, timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: pymq\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        started = time.monotonic()
+        broker.stop()
+        assert time.monotonic() - started < pymq.FLUSH_TIMEOUT / 2
+
+
 @pytest.fixture
 def cluster():
     """A PostgreSQL server of this test's own, which the test may stop and start."""
