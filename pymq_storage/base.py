@@ -316,7 +316,7 @@ class Backend:
         for op in batch.ops:
             op.result = op.apply(self)
         if batch.deletes:
-            self.delete(batch.deletes)
+            batch.deleted = self.delete(batch.deletes)
         if batch.next_seq is not None:
             self.reserve(batch.next_seq)
 
@@ -333,7 +333,8 @@ class Backend:
     # insert(messages, dedup) -> seqs skipped as duplicates (dedup: seq -> (key, sent, until):
     #     the key is taken unless another message took it and `until` of that one is after
     #     `sent`); update(messages) writes each one's deliveries and due; dead_letter(op),
-    #     move(op), purge(op), promote(op), forget_keys(op) -> op's result; delete(seqs);
+    #     move(op), purge(op), promote(op), forget_keys(op) -> op's result; delete(seqs) -> how
+    #     many there were (a seq may be gone already, or never have been written);
     #     reserve(next_seq); load(read), count(read), queues_holding(names), expired(read),
     #     count_stored(), depths(read).
 
@@ -342,8 +343,8 @@ class Batch:
     """Writes and reads that will be applied in one transaction."""
 
     __slots__ = ("inserts", "dedup", "updates", "ops", "deletes", "reads", "probes", "next_seq",
-                 "results", "duplicates", "arrivals", "retried", "bytes", "done", "error",
-                 "used")
+                 "results", "duplicates", "deleted", "arrivals", "retried", "bytes", "done",
+                 "error", "used")
 
     def __init__(self):
         self.inserts = {}           # seq -> StoredMessage
@@ -356,6 +357,7 @@ class Batch:
         self.next_seq = None    # a reservation of sequence numbers to record
         self.results = None
         self.duplicates = ()    # seqs of inserts skipped as duplicates
+        self.deleted = 0        # how many of `deletes` were stored
         self.arrivals = None    # see Storage.on_arrived
         self.retried = False    # applied more than once (through an outage)
         self.bytes = 0
@@ -437,8 +439,7 @@ class Storage:
         # Messages stored, all queues together. Counted once at open, then kept from what each
         # batch inserted, deleted and purged: a COUNT of a million rows is too dear for every
         # scrape. Counted again in the batch after one whose outcome is uncertain (failed, or
-        # retried through an outage). Off only by the ACKs of messages delivered before an
-        # insert that then failed, until such a recount.
+        # retried through an outage).
         self.stored = None
         self._recount = False
         self._next_seq = None
@@ -783,7 +784,7 @@ class Storage:
         if recount is not None:
             self.stored, self._recount = batch.results[recount], False
         else:
-            self.stored += (len(batch.inserts) - len(batch.duplicates) - len(batch.deletes)
+            self.stored += (len(batch.inserts) - len(batch.duplicates) - batch.deleted
                             - sum(op.result for op in batch.ops if op.__class__ is Purge))
         if batch.retried:
             self._recount = True    # its effects may have been applied twice

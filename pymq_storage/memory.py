@@ -147,10 +147,13 @@ class MemoryBackend(Backend):
         return forgotten
 
     def delete(self, seqs):
+        deleted = 0
         for seq in seqs:
             stored = self.messages.get(seq)
             if stored is not None:
                 self._unplace(stored)
+                deleted += 1
+        return deleted
 
     def reserve(self, next_seq):
         pass

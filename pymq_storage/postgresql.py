@@ -275,6 +275,7 @@ class PostgreSQLBackend(Backend):
 
     def delete(self, seqs):
         self.cursor.execute("DELETE FROM pymq_messages WHERE seq = ANY(%s)", (seqs,))
+        return self.cursor.rowcount
 
     def reserve(self, next_seq):
         self.cursor.execute("UPDATE pymq_meta SET value = GREATEST(value, %s) "

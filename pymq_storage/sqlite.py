@@ -225,9 +225,11 @@ class SQLiteBackend(Backend):
             "WHERE until <= ? LIMIT ?)", (op.now, op.limit)).rowcount
 
     def delete(self, seqs):
+        deleted = 0
         for size, chunk in _chunks(seqs):
-            self.db.execute("DELETE FROM messages WHERE seq IN (%s)" % ",".join("?" * size),
-                            chunk)
+            deleted += self.db.execute("DELETE FROM messages WHERE seq IN (%s)"
+                                       % ",".join("?" * size), chunk).rowcount
+        return deleted
 
     def reserve(self, next_seq):
         self.db.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'next_seq'",

@@ -90,7 +90,8 @@ def test_counters_move_as_messages_flow(start_broker):
         count = after(name + "_count")
         assert count > before(name + "_count")
         assert after(name + "_bucket", le="+Inf") == count
-    assert after("pymq_store_batches_total") == after("pymq_store_commit_seconds_count")
+    # Every batch applied is observed (batches_total also counts those with nothing to do).
+    assert after("pymq_store_batches_total") >= after("pymq_store_commit_seconds_count")
     assert after("pymq_store_batch_size_sum") >= 10      # 5 inserts, 5 deletes at least
     assert after("pymq_store_errors_total") == 0
     assert after("pymq_store_outage") == 0
