@@ -34,9 +34,12 @@ requeue:false and delay; on MESSAGE redelivered and redelivery-count. A dead let
 Errors follow STOMP 1.2: an ERROR frame with a ``message`` header (and ``receipt-id`` when the
 offending frame asked for a receipt), then the connection is closed.
 
+With ``--http-port``, an HTTP listener on the same hub serves Prometheus metrics (``/metrics``)
+and a health check (``/healthz``).
+
 The file reads top-down in data-flow order: options and limits, frame codec, topics, queues,
 the clock, the message's life after a delivery, control destinations, broker, connection,
-server, command line.
+HTTP (metrics and health), server, command line.
 """
 
 import collections
@@ -129,6 +132,11 @@ OPTIONS = (
     ("drop-expired", False, None, "delete expired messages instead of dead-lettering them"),
     ("dedup-window", 600.0, "SECS", "how long after a SEND with a dedup-id header another SEND "
                                     "with it to the same queue stores nothing"),
+    ("http-port", None, "PORT", "serve Prometheus /metrics and /healthz over HTTP on this "
+                               "port of --host (0: any free port; default: none)"),
+    ("metrics-queues", None, "GLOB", "/metrics gives the depth of each queue whose name (no "
+                                     "/queue/) matches GLOB, say jobs.* (at most 1000; "
+                                     "default: none)"),
     ("log-level", "info", "LEVEL", "log events of this level and above: debug, info, "
                                    "warning or error"),
     ("debug", False, None, "log connections and frames to stderr (--log-level debug)"),
@@ -145,8 +153,8 @@ OPTIONS = (
 )
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "error": logging.ERROR}
-PORT_OPTIONS = ("port", "tls-port")
 OCAMLMQ_DB_FLAGS = ("dbhost", "dbport", "dbdatabase", "dbsockdir", "dbuser", "dbpassword")
+PORT_OPTIONS = ("port", "tls-port", "http-port")   # TCP ports; 0: any free one; none: off
 DEFAULTS = {name: default for name, default, _, _ in OPTIONS}
 
 RECV_SIZE = 64 * 1024
@@ -1076,7 +1084,9 @@ class Queues:
         (ActiveMQ's concurrent store and dispatch; the sender need not wait for the disk)."""
         queues = set()
         batch = None
-        for in_flight in self.acked(conn, frame):
+        covered = self.acked(conn, frame)
+        self.stats["acked"] += len(covered)
+        for in_flight in covered:
             sub = self.land(in_flight)
             message = in_flight.message
             deleted = self.forget(sub.queue, message.seq)
@@ -1520,12 +1530,14 @@ class Redelivery:
 
     def nack(self, conn, frame):
         how, delay = _nack_options(frame)
-        for queue in {self.came_back(in_flight, how, delay)
-                      for in_flight in self.queues.acked(conn, frame)}:
+        covered = self.queues.acked(conn, frame)
+        self.queues.stats["nacked"] += len(covered)
+        for queue in {self.came_back(in_flight, how, delay) for in_flight in covered}:
             self.queues.redispatch(queue)
 
     def timed_out(self, in_flight):
         log.debug("message %d: ack timeout", in_flight.message.seq)
+        self.queues.stats["ack_timeouts"] += 1
         self.queues.redispatch(self.came_back(in_flight, TIMED_OUT))
 
     def came_back(self, in_flight, how, delay=None):
@@ -1887,8 +1899,9 @@ def read_users(path):
 class Auth:
     """Logins and permissions: who a CONNECT is, and whether a frame is allowed."""
 
-    def __init__(self, options):
+    def __init__(self, options, stats):
         self.options = options
+        self.stats = stats
         self.users = None       # {name: User} from the users file, if there is one
         # A passcode that passed the slow check, remembered as a keyed digest, so that a
         # reconnecting client does not cost 50 ms of hashing each time.
@@ -1935,6 +1948,7 @@ class Auth:
         return True
 
     def _refuse(self, conn, login, why):
+        self.stats["logins_refused"] += 1
         log.warning("%s: login refused for %s: %s", conn.peer,
                     "%r" % login[:100] if login is not None else "(no login)", why)
         raise ProtocolError("bad credentials", delay=LOGIN_FAILURE_DELAY)
@@ -1957,6 +1971,7 @@ class Auth:
             wanted = [("write", destination)]
             allowed = user.may("write", destination)
         if not allowed:
+            self.stats["access_refused"] += 1
             right, target = next((r, t) for r, t in wanted if not user.may(r, t))
             raise ProtocolError("access refused: %s may not %s %s"
                                 % (user.name, right, target[:200]))
@@ -2005,7 +2020,10 @@ class Broker:
         self._id_prefix = "%x-" % time.time_ns()
         self.stats = dict.fromkeys(("connections", "messages_in", "messages_out", "redelivered",
                                     "dead_lettered", "expired", "protocol_errors",
-                                    "slow_consumers", "refused", "tls_failures"), 0)
+                                    "slow_consumers", "refused", "tls_failures", "acked",
+                                    "nacked", "ack_timeouts", "logins_refused",
+                                    "access_refused"), 0)
+        self.subscription_counts = {"queue": 0, "topic": 0}     # now, by kind
         self.clock = Clock()
         self.topics = Topics(self._id_prefix, self.stats)
         self.queues = Queues(self.options, self.clock, self.stats)
@@ -2013,7 +2031,7 @@ class Broker:
         self.queues.redelivery = self.redelivery
         self.schedule = None
         self.control = Control(self)
-        self.auth = Auth(self.options)
+        self.auth = Auth(self.options, self.stats)
         self._handlers = {
             "SEND": self.on_send, "SUBSCRIBE": self.on_subscribe,
             "UNSUBSCRIBE": self.on_unsubscribe, "ACK": self.queues.ack,
@@ -2165,6 +2183,7 @@ class Broker:
         else:
             sub = self.topics.subscribe(conn, sub_id, name, ack)
         conn.subscriptions[sub.id] = sub
+        self.subscription_counts[sub.kind] += 1
 
     def on_unsubscribe(self, conn, frame):
         headers = frame.headers
@@ -2185,6 +2204,7 @@ class Broker:
         self._remove_subscription(sub)
 
     def _remove_subscription(self, sub):
+        self.subscription_counts[sub.kind] -= 1
         if sub.kind == "queue":
             self.queues.remove(sub)
         else:
@@ -2633,6 +2653,222 @@ class Connection:
 
 
 # ---------------------------------------------------------------------------------------------
+# HTTP: metrics and health. With --http-port, a WSGI server on the same hub as STOMP answers
+# GET /metrics (the Prometheus text format, written by prometheus-client, imported only then)
+# and GET /healthz. The numbers are plain ints the broker and the store keep anyway
+# (Broker.stats, Storage.stats and its histograms), read at scrape time: the hot path never
+# touches a prometheus object. No series per queue (a million queues must not make a million
+# series) but for the queues --metrics-queues matches, MAX_QUEUE_SERIES at most.
+# ---------------------------------------------------------------------------------------------
+
+HTTP_TIMEOUT = 10.0             # seconds an HTTP client may stall before it is dropped
+HTTP_MAX_CONNECTIONS = 100      # served at once; more wait in the listen backlog
+STORE_READ_TIMEOUT = 5.0        # seconds /healthz and /metrics wait for the store's answer
+MAX_QUEUE_SERIES = 1000         # most queues --metrics-queues reports
+
+# Counters: pymq_NAME_total, its key in Broker.stats, its help.
+BROKER_COUNTERS = (
+    ("connections_opened", "connections", "STOMP connections that CONNECTed"),
+    ("connections_refused", "refused", "connections refused: max-connections reached"),
+    ("messages_received", "messages_in", "SEND frames: to queues, topics and /control/"),
+    ("messages_delivered", "messages_out", "MESSAGE frames sent, from queues and topics"),
+    ("messages_acked", "acked", "queue messages ACKed"),
+    ("messages_nacked", "nacked", "queue messages NACKed"),
+    ("messages_redelivered", "redelivered", "queue messages delivered again"),
+    ("messages_dead_lettered", "dead_lettered", "queue messages moved to a dead-letter queue"),
+    ("messages_expired", "expired", "queue messages found expired (dead-lettered or dropped)"),
+    ("ack_timeouts", "ack_timeouts", "queue messages not ACKed within their ack timeout"),
+    ("protocol_errors", "protocol_errors", "connections closed with an ERROR for a bad frame"),
+    ("slow_consumers", "slow_consumers", "connections dropped for max-outbound"),
+    ("tls_handshake_failures", "tls_failures", "TLS connections dropped in the handshake"),
+    ("logins_refused", "logins_refused", "CONNECTs refused for bad credentials"),
+    ("access_refused", "access_refused", "frames refused: not permitted to the user"),
+)
+# ... and in Storage.stats.
+STORE_COUNTERS = (
+    ("store_batches", "batches", "batches (transactions) the store committed"),
+    ("store_inserts", "inserts", "queue messages written"),
+    ("store_deletes", "deletes", "queue messages deleted (ACKed, or dropped when expired)"),
+    ("store_cancelled", "cancelled", "queue messages ACKed before they were written: never "
+                                     "written"),
+    ("store_updates", "updates", "delivery counts and due times written"),
+    ("store_errors", "errors", "batches that failed: nothing written, senders got an ERROR"),
+    ("store_retries", "retries", "attempts at a batch that failed while the database was "
+                                 "unavailable, tried again"),
+)
+
+
+class Metrics:
+    """The collector that prometheus-client asks at each scrape."""
+
+    def __init__(self, server):
+        self.server = server
+        pattern = server.options.metrics_queues
+        if pattern is not None and pattern.startswith("/queue/"):
+            pattern = pattern[len("/queue/"):]
+        self.queue_pattern = pattern            # a glob over queue names (without /queue/)
+        self._cut_logged = False
+
+    def collect(self):
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
+        broker, storage = self.server.broker, self.server.storage
+        info = GaugeMetricFamily("pymq_info", "the broker's version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        for name, key, text in BROKER_COUNTERS:
+            yield CounterMetricFamily("pymq_" + name, text, broker.stats[key])
+        for name, key, text in STORE_COUNTERS:
+            yield CounterMetricFamily("pymq_" + name, text, storage.stats[key])
+        yield GaugeMetricFamily("pymq_connections", "STOMP connections CONNECTed now",
+                                len(broker.connections))
+        subscriptions = GaugeMetricFamily("pymq_subscriptions", "subscriptions now, by kind",
+                                          labels=["kind"])
+        for kind, count in broker.subscription_counts.items():
+            subscriptions.add_metric([kind], count)
+        yield subscriptions
+        yield GaugeMetricFamily("pymq_active_queues", "queues with subscribers",
+                                len(broker.queues.queues))
+        yield GaugeMetricFamily("pymq_messages_in_flight", "queue messages delivered, not ACKed",
+                                sum(len(conn.in_flight) for conn in broker.connections))
+        yield GaugeMetricFamily("pymq_stored_messages", "queue messages in the store",
+                                storage.stored)
+        yield GaugeMetricFamily("pymq_store_pending_bytes", "bytes of SENDs waiting to be "
+                                "written (see --async-budget)", storage.pending_bytes)
+        yield GaugeMetricFamily("pymq_store_outage", "1 while the database is unavailable and "
+                                "batches are retried (see --db-retry)",
+                                int(storage.outage_since is not None))
+        yield self._histogram(HistogramMetricFamily, "pymq_store_batch_size",
+                              "operations (writes and reads) per batch", storage.batch_sizes)
+        yield self._histogram(HistogramMetricFamily, "pymq_store_commit_seconds",
+                              "time to apply a batch, retries included", storage.commit_seconds)
+        if self.queue_pattern is not None:
+            yield from self._queue_depths(GaugeMetricFamily)
+
+    @staticmethod
+    def _histogram(family, name, text, histogram):
+        from prometheus_client.utils import floatToGoString
+        buckets, total = [], 0
+        for bound, count in zip(histogram.bounds + (math.inf,), histogram.counts):
+            total += count
+            buckets.append((floatToGoString(bound), total))
+        return family(name, text, buckets=buckets, sum_value=histogram.sum)
+
+    def _queue_depths(self, family):
+        """pymq_queue_depth of the queues matching --metrics-queues: a read riding in a batch,
+        once per scrape; none while the store is unavailable or closing."""
+        storage = self.server.storage
+        if self.server.stopping or storage.outage_since is not None:
+            return
+        try:
+            depths = storage.depths(self.queue_pattern, MAX_QUEUE_SERIES + 1,
+                                    STORE_READ_TIMEOUT)
+        except pymq_storage.StorageError as error:
+            log.warning("/metrics: no queue depths: %s", error)
+            return
+        if len(depths) > MAX_QUEUE_SERIES:
+            depths = depths[:MAX_QUEUE_SERIES]
+            if not self._cut_logged:
+                self._cut_logged = True
+                log.warning("/metrics: more than %d queues match --metrics-queues %s: only "
+                            "the first %d by name get a depth", MAX_QUEUE_SERIES,
+                            self.queue_pattern, MAX_QUEUE_SERIES)
+        gauge = family("pymq_queue_depth", "messages stored in the queue and not ACKed, as "
+                       "count-msgs counts them (of the queues --metrics-queues matches)",
+                       labels=["queue"])
+        for queue, messages in depths:
+            gauge.add_metric([queue], messages)
+        yield gauge
+
+
+class HTTPListener:
+    """The WSGI server of --http-port: GET /metrics and GET /healthz; 404 elsewhere, 405 for
+    other methods. Its log lines go to the pymq.http logger: requests at DEBUG, bad ones at
+    INFO (a scanner must not flood the log with warnings)."""
+
+    def __init__(self, server):
+        import gevent.pool
+        import gevent.pywsgi
+        import prometheus_client
+        self.server = server
+        self.registry = prometheus_client.CollectorRegistry(auto_describe=False)
+        self.registry.register(Metrics(server))
+        prometheus_client.ProcessCollector(registry=self.registry)  # CPU, memory, descriptors
+        http_log = logging.getLogger("pymq.http")
+        opts = server.options
+        self._wsgi = gevent.pywsgi.WSGIServer(
+            (opts.host, opts.http_port), self.app, spawn=gevent.pool.Pool(HTTP_MAX_CONNECTIONS),
+            log=gevent.pywsgi.LoggingLogAdapter(http_log, logging.DEBUG),
+            error_log=gevent.pywsgi.LoggingLogAdapter(http_log, logging.INFO))
+        self._wsgi.set_handle(self._handle)
+        self._routes = {"/metrics": self.metrics, "/healthz": self.healthz}
+
+    @property
+    def address(self):
+        return self._wsgi.address[:2]
+
+    def start(self):
+        self._wsgi.start()
+        return self
+
+    def stop(self):
+        # At once: a scraper's idle keep-alive connection must not hold up the shutdown.
+        self._wsgi.stop(timeout=0)
+
+    def _handle(self, sock, address):
+        sock.settimeout(HTTP_TIMEOUT)       # a client that stalls is dropped, not kept forever
+        self._wsgi.handler_class(sock, address, self._wsgi).handle()
+
+    def app(self, environ, start_response):
+        method = environ["REQUEST_METHOD"]
+        route = self._routes.get(environ.get("PATH_INFO"))
+        headers = [("Content-Type", "text/plain; charset=utf-8")]
+        if route is None:
+            status, body = "404 Not Found", b"not found: see /metrics and /healthz\n"
+        elif method not in ("GET", "HEAD"):
+            status, body = "405 Method Not Allowed", b"method not allowed\n"
+            headers.append(("Allow", "GET, HEAD"))
+        else:
+            try:
+                status, headers, body = route(environ)
+            except Exception:
+                log.exception("HTTP %s: internal error", environ.get("PATH_INFO"))
+                status, body = "500 Internal Server Error", b"internal error\n"
+        headers.append(("Content-Length", str(len(body))))
+        start_response(status, headers)
+        return [] if method == "HEAD" else [body]
+
+    def metrics(self, environ):
+        from prometheus_client.exposition import choose_encoder
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT"))
+        return "200 OK", [("Content-Type", content_type)], encoder(self.registry)
+
+    def healthz(self, _environ):
+        trouble = self.trouble()
+        headers = [("Content-Type", "text/plain; charset=utf-8")]
+        if trouble is None:
+            return "200 OK", headers, b"ok\n"
+        return "503 Service Unavailable", headers, (trouble + "\n").encode()
+
+    def trouble(self):
+        """Why the broker is not healthy, or None: it is not stopping, and the store answers a
+        read (which also has it try a database that was unavailable again)."""
+        server = self.server
+        if server.stopping:
+            return "shutting down"
+        storage = server.storage
+        try:
+            storage.check(STORE_READ_TIMEOUT)
+        except pymq_storage.StorageError as error:
+            since = storage.outage_since
+            if since is None:
+                return "store: %s" % error
+            return "database unavailable since %s (%d s)" % (
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)), time.time() - since)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
 # Server: a gevent StreamServer with one Connection greenlet per client, and a clean stop.
 # ---------------------------------------------------------------------------------------------
 
@@ -2653,6 +2889,8 @@ class Server:
         self._handshakes = 0           # TLS handshakes under way: connections too
         self._tcp = self._tls = None   # the StreamServers
         self._started = False
+        self.http = None               # the HTTPListener of --http-port
+        self.stopping = False
         self._stopped = gevent.event.Event()
 
     @property
@@ -2666,6 +2904,10 @@ class Server:
 
     def _listeners(self):
         return [server for server in (self._tcp, self._tls) if server is not None]
+
+    @property
+    def http_address(self):
+        return None if self.http is None else self.http.address
 
     def start(self):
         opts = self.options
@@ -2682,6 +2924,8 @@ class Server:
                 self._tls = gevent.server.StreamServer((opts.host, opts.tls_port),
                                                        self._handle_tls, backlog=1024)
                 self._tls.start()
+            if opts.http_port is not None:
+                self.http = HTTPListener(self).start()
         except BaseException:
             for server in self._listeners():
                 server.close()
@@ -2693,6 +2937,8 @@ class Server:
         if self._tls:
             log.info("pymq %s listening for TLS on %s:%d%s", __version__, *self._tls.address[:2],
                      " (client certificates required)" if opts.tls_ca else "")
+        if self.http is not None:
+            log.info("metrics and health on http://%s:%d/", *self.http_address)
         return self
 
     def _accept(self, sock, peer):
@@ -2767,6 +3013,7 @@ class Server:
         client; let connections flush and close; close the store."""
         if not self._started or self._stopped.is_set():
             return
+        self.stopping = True           # /healthz says so from now on
         for server in self._listeners():
             server.close()
         self.storage.flush()
@@ -2776,6 +3023,8 @@ class Server:
             server.stop(timeout=timeout)
         self.broker.stop()
         self.storage.close()         # commits the writes still pending: nothing accepted is lost
+        if self.http is not None:
+            self.http.stop()
         log.info("pymq stopped; storage: %s", ", ".join(
             "%d %s" % (value, key) for key, value in self.storage.stats.items()))
         self._stopped.set()

@@ -30,7 +30,8 @@ greenlet at a time, in order:
   ForgetKeys, in order; each gets its ``result``), its deletes, and, when ``batch.next_seq``
   is not None, the record that sequence numbers below it are taken (see
   Storage.new_message). Make it durable (commit and fsync) before returning; then answer
-  ``batch.reads`` (Load, Count, Holding, Expired) against the new state, one result each, in
+  ``batch.reads`` (Load, Count, Holding, Expired, Stored, Depths) against the new state, one
+  result each, in
   order. If it raises, none of the writes happened. `Backend.answer()` dispatches the reads.
 - ``close()``.
 - ``is_transient(error) -> bool``: whether a failed apply() is worth retrying (the database
@@ -54,6 +55,7 @@ means anything may have changed (a batch was retried through an outage and its e
 have been applied twice, the first time unseen).
 """
 
+import bisect
 import logging
 import time
 
@@ -157,6 +159,27 @@ class Holding:
 
     def __init__(self, names):
         self.names = names
+
+
+class Stored:
+    """Read: how many messages the store holds, all queues together (see Storage.stored)."""
+
+    __slots__ = ()
+    callback = None
+
+
+class Depths:
+    """Read: [(queue, messages)] of the queues whose names match the glob `pattern` (fnmatch's
+    ``*``, ``?``, ``[...]`` and ``[!...]``, case-sensitive) and hold messages, at most `limit`
+    of them, in name order; messages counted as Count counts them at `now`."""
+
+    __slots__ = ("pattern", "limit", "now")
+    callback = None
+
+    def __init__(self, pattern, limit, now):
+        self.pattern = pattern
+        self.limit = limit
+        self.now = now
 
 
 class Expired:
@@ -293,7 +316,7 @@ class Backend:
         for op in batch.ops:
             op.result = op.apply(self)
         if batch.deletes:
-            self.delete(batch.deletes)
+            batch.deleted = self.delete(batch.deletes)
         if batch.next_seq is not None:
             self.reserve(batch.next_seq)
 
@@ -302,22 +325,26 @@ class Backend:
         return [self.queues_holding(read.names) if read.__class__ is Holding
                 else self.expired(read) if read.__class__ is Expired
                 else self.count(read) if read.__class__ is Count
+                else self.count_stored() if read.__class__ is Stored
+                else self.depths(read) if read.__class__ is Depths
                 else self.load(read) for read in reads]
 
     # The primitives of write() and answer(), each inside apply()'s transaction:
     # insert(messages, dedup) -> seqs skipped as duplicates (dedup: seq -> (key, sent, until):
     #     the key is taken unless another message took it and `until` of that one is after
     #     `sent`); update(messages) writes each one's deliveries and due; dead_letter(op),
-    #     move(op), purge(op), promote(op), forget_keys(op) -> op's result; delete(seqs);
-    #     reserve(next_seq); load(read), count(read), queues_holding(names), expired(read).
+    #     move(op), purge(op), promote(op), forget_keys(op) -> op's result; delete(seqs) -> how
+    #     many there were (a seq may be gone already, or never have been written);
+    #     reserve(next_seq); load(read), count(read), queues_holding(names), expired(read),
+    #     count_stored(), depths(read).
 
 
 class Batch:
     """Writes and reads that will be applied in one transaction."""
 
     __slots__ = ("inserts", "dedup", "updates", "ops", "deletes", "reads", "probes", "next_seq",
-                 "results", "duplicates", "arrivals", "retried", "bytes", "done", "error",
-                 "used")
+                 "results", "duplicates", "deleted", "arrivals", "retried", "bytes", "done",
+                 "error", "used")
 
     def __init__(self):
         self.inserts = {}           # seq -> StoredMessage
@@ -330,6 +357,7 @@ class Batch:
         self.next_seq = None    # a reservation of sequence numbers to record
         self.results = None
         self.duplicates = ()    # seqs of inserts skipped as duplicates
+        self.deleted = 0        # how many of `deletes` were stored
         self.arrivals = None    # see Storage.on_arrived
         self.retried = False    # applied more than once (through an outage)
         self.bytes = 0
@@ -370,6 +398,29 @@ def _arrive(arrivals, queue, key):
         arrivals[queue] = key
 
 
+# Upper bounds of the buckets of Storage's histograms.
+BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+COMMIT_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                          2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Histogram:
+    """Observations counted per bucket (`bounds`: the upper bounds, then one bucket for the
+    rest) and their sum: a Prometheus histogram kept as plain numbers, which the committer
+    updates once per batch (never per message)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0
+
+    def observe(self, value):
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
 class Storage:
     """Group commit over a Backend. All methods are called from greenlets of one hub."""
 
@@ -377,7 +428,20 @@ class Storage:
         self.backend = backend
         self.retry_for = retry_for  # seconds a batch is retried through an outage
         self.pending_bytes = 0      # bytes of inserts not yet committed: the async budget
-        self.stats = {"batches": 0, "inserts": 0, "deletes": 0, "cancelled": 0, "updates": 0}
+        # errors: batches that failed (their writes did not happen); retries: attempts that
+        # failed for a transient reason and were tried again.
+        self.stats = {"batches": 0, "inserts": 0, "deletes": 0, "cancelled": 0, "updates": 0,
+                      "errors": 0, "retries": 0}
+        # Per batch applied: its operations (writes and reads), and the seconds it took (the
+        # retries through an outage included).
+        self.batch_sizes = Histogram(BATCH_SIZE_BUCKETS)
+        self.commit_seconds = Histogram(COMMIT_SECONDS_BUCKETS)
+        # Messages stored, all queues together. Counted once at open, then kept from what each
+        # batch inserted, deleted and purged: a COUNT of a million rows is too dear for every
+        # scrape. Counted again in the batch after one whose outcome is uncertain (failed, or
+        # retried through an outage).
+        self.stored = None
+        self._recount = False
         self._next_seq = None
         self._reserved = None       # sequence numbers below this are durably reserved
         self._pending = Batch()
@@ -389,6 +453,7 @@ class Storage:
         self._closing = False
         self._pool = None
         self._outage = None         # when the current outage began
+        self._unavailable = gevent.event.Event()   # set during an outage
         # Called with the messages of a batch that failed: they were never stored.
         self.on_insert_failed = None
         # Called as on_probed(batch, held) once a batch with probes (probe_async) is applied.
@@ -405,7 +470,8 @@ class Storage:
             self._reserved = self._next_seq + SEQ_RESERVATION
             batch = Batch()
             batch.next_seq = self._reserved
-            self._call(self.backend.apply, batch)
+            batch.reads.append(Stored())
+            self.stored = self._call(self.backend.apply, batch)[0]
         except BaseException:
             self._call(self.backend.close)
             if self._pool is not None:
@@ -567,10 +633,17 @@ class Storage:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def _read(self, read):
+    def _read(self, read, timeout=None):
+        """The answer to `read`. With a timeout (seconds): StorageError if none came by then, or
+        at once if the store is unavailable (an outage: batches are being retried)."""
         batch = self._use()
         index = len(batch.reads)
         batch.reads.append(read)
+        if timeout is not None:
+            gevent.wait([batch.done, self._unavailable], timeout, count=1)
+            if not batch.done.is_set():
+                raise StorageError("unavailable" if self._outage is not None
+                                   else "no answer within %g s" % timeout)
         batch.wait()
         return batch.results[index]
 
@@ -580,6 +653,25 @@ class Storage:
     def count(self, queue, now=None):
         """(messages, delayed) of `queue` at `now` (epoch ms; default: the present)."""
         return self._read(Count(queue, now_ms() if now is None else now))
+
+    def depths(self, pattern, limit, timeout=None):
+        """[(queue, messages)] of up to `limit` queues whose names match the glob `pattern`
+        (see Depths)."""
+        return self._read(Depths(pattern, limit, now_ms()), timeout)
+
+    def check(self, timeout):
+        """Raise StorageError unless the store answers a read (one index probe) within
+        `timeout` seconds; at once if it is unavailable. For health checks: the read also has
+        the committer try the database again."""
+        self._read(Holding(("",)), timeout)
+
+    @property
+    def outage_since(self):
+        """When the current outage began (epoch seconds: the database has been unavailable
+        since, batches are being retried), or None."""
+        if self._outage is None:
+            return None
+        return time.time() - (time.monotonic() - self._outage)
 
     def load_async(self, queue, after, limit, callback):
         """load() without blocking and without a greenlet: returns the Load; the committer
@@ -632,14 +724,24 @@ class Storage:
         """Apply the pending batch; wake its waiters, run its callbacks."""
         batch, self._pending = self._pending, Batch()
         self._current = batch
+        recount = None
+        if self._recount:
+            recount = len(batch.reads)
+            batch.reads.append(Stored())
         if batch.probes:
             batch.reads.append(Holding(batch.probes))      # after the reads asked for
         try:
             if batch.has_writes() or batch.reads:
+                started = time.monotonic()
                 batch.results = self._apply(batch)
+                self.commit_seconds.observe(time.monotonic() - started)
+                self.batch_sizes.observe(len(batch.inserts) + len(batch.updates) + len(batch.ops)
+                                         + len(batch.deletes) + len(batch.reads))
             else:
                 batch.results = []      # cancellations emptied it: no round trip
         except Exception as error:
+            self.stats["errors"] += 1
+            self._recount = True
             if self._outage is None:
                 log.error("storage batch failed: %s", error)
                 log.debug("storage batch failed", exc_info=True)
@@ -654,6 +756,7 @@ class Storage:
             self.stats["inserts"] += len(batch.inserts) - len(batch.duplicates)
             self.stats["deletes"] += len(batch.deletes)
             self.stats["updates"] += len(batch.updates)
+            self._count_stored(batch, recount)
         self.pending_bytes -= batch.bytes
         self._current = None
         arrivals = self._arrivals(batch)
@@ -674,6 +777,17 @@ class Storage:
             self._callback(self.on_arrived, arrivals)
         committed, self._committed = self._committed, gevent.event.Event()
         committed.set()
+
+    def _count_stored(self, batch, recount):
+        """Keep `stored` after a batch applied: its Stored read's answer (at index `recount`)
+        if it had one, else plus what it inserted, minus what it deleted and purged."""
+        if recount is not None:
+            self.stored, self._recount = batch.results[recount], False
+        else:
+            self.stored += (len(batch.inserts) - len(batch.duplicates) - batch.deleted
+                            - sum(op.result for op in batch.ops if op.__class__ is Purge))
+        if batch.retried:
+            self._recount = True    # its effects may have been applied twice
 
     @staticmethod
     def _callback(function, *args):
@@ -729,12 +843,14 @@ class Storage:
                 now = time.monotonic()
                 if self._outage is None:
                     self._outage = now
+                    self._unavailable.set()
                     log.error("storage unavailable (%s); retrying",
                               str(error).strip() or error.__class__.__name__)
                 if deadline is None:
                     deadline = now + self.retry_for
                 if now + delay > deadline:
                     raise
+                self.stats["retries"] += 1
                 batch.retried = True
                 gevent.sleep(delay)
                 delay = min(2 * delay, 2.0)
@@ -743,6 +859,7 @@ class Storage:
                 log.warning("storage available again after %.1f s",
                             time.monotonic() - self._outage)
                 self._outage = None
+                self._unavailable.clear()
             return results
 
     def flush(self):

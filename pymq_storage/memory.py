@@ -5,10 +5,11 @@ The store keeps copies of what it is given and hands out copies, as a database w
 broker's own objects (a delivered message whose count it raises) are never the stored ones."""
 
 import collections
+import fnmatch
 import heapq
 import time
 
-from .base import Backend
+from .base import Backend, Count
 
 
 class MemoryBackend(Backend):
@@ -146,10 +147,13 @@ class MemoryBackend(Backend):
         return forgotten
 
     def delete(self, seqs):
+        deleted = 0
         for seq in seqs:
             stored = self.messages.get(seq)
             if stored is not None:
                 self._unplace(stored)
+                deleted += 1
+        return deleted
 
     def reserve(self, next_seq):
         pass
@@ -169,6 +173,21 @@ class MemoryBackend(Backend):
 
     def queues_holding(self, names):
         return {name for name in names if name in self.ready}
+
+    def count_stored(self):
+        return len(self.messages)
+
+    def depths(self, read):
+        names = sorted(name for name in set(self.ready) | set(self.delayed)
+                       if fnmatch.fnmatchcase(name, read.pattern))
+        depths = []
+        for name in names:
+            messages = self.count(Count(name, read.now))[0]
+            if messages:
+                depths.append((name, messages))
+                if len(depths) == read.limit:
+                    break
+        return depths
 
     def expired(self, read):
         found = sorted(((m.expires, m.seq), m) for m in self.expiring.values()

@@ -21,6 +21,7 @@ The schema keeps those doors open: nothing here depends on being the only reader
 
 import json
 import logging
+import re
 
 from .base import Backend, StoredMessage
 
@@ -74,6 +75,36 @@ OF_QUEUE = "((queue = %(queue)s AND due = 0) OR (queue = %(queue)s AND due > 0))
 
 class SchemaError(Exception):
     pass
+
+
+def glob_regex(pattern):
+    """fnmatch's glob (*, ?, [...], [!...]) as an anchored PostgreSQL regular expression."""
+    parts, i, n = ["^"], 0, len(pattern)
+    while i < n:
+        char = pattern[i]
+        i += 1
+        if char == "*":
+            parts.append(".*")
+        elif char == "?":
+            parts.append(".")
+        elif char == "[":
+            end = i + (pattern[i:i + 1] == "!")
+            end += pattern[end:end + 1] == "]"      # a ] first is a member, as in fnmatch
+            end = pattern.find("]", end)
+            if end < 0:
+                parts.append("\\[")               # no closing ]: a literal [
+                continue
+            members = pattern[i:end].replace("\\", "\\\\")
+            i = end + 1
+            if members.startswith("!"):
+                members = "^" + members[1:]
+            elif members.startswith("^"):
+                members = "\\" + members
+            parts.append("[%s]" % members)
+        else:
+            parts.append(re.escape(char))
+    parts.append("$")
+    return "".join(parts)
 
 
 def _message(row):
@@ -244,6 +275,7 @@ class PostgreSQLBackend(Backend):
 
     def delete(self, seqs):
         self.cursor.execute("DELETE FROM pymq_messages WHERE seq = ANY(%s)", (seqs,))
+        return self.cursor.rowcount
 
     def reserve(self, next_seq):
         self.cursor.execute("UPDATE pymq_meta SET value = GREATEST(value, %s) "
@@ -282,6 +314,24 @@ class PostgreSQLBackend(Backend):
                             "(SELECT 1 FROM pymq_messages WHERE queue = name AND due = 0)",
                             (list(names),))
         return {row[0] for row in self.cursor.fetchall()}
+
+    def count_stored(self):
+        self.cursor.execute("SELECT COUNT(*) FROM pymq_messages")
+        return self.cursor.fetchone()[0]
+
+    def depths(self, read):
+        # As count(): all of each queue's messages (both partial indexes), minus the few expired.
+        self.cursor.execute(
+            "SELECT queue, SUM(n) FROM ("
+            "SELECT queue, COUNT(*) AS n FROM pymq_messages WHERE queue ~ %(re)s AND due = 0 "
+            "GROUP BY queue UNION ALL "
+            "SELECT queue, COUNT(*) FROM pymq_messages WHERE queue ~ %(re)s AND due > 0 "
+            "GROUP BY queue UNION ALL "
+            "SELECT queue, -COUNT(*) FROM pymq_messages WHERE expires > 0 AND expires <= %(now)s "
+            "AND queue ~ %(re)s GROUP BY queue) AS counts "
+            "GROUP BY queue HAVING SUM(n) > 0 ORDER BY queue LIMIT %(limit)s",
+            {"re": glob_regex(read.pattern), "now": read.now, "limit": read.limit})
+        return [(queue, int(n)) for queue, n in self.cursor.fetchall()]
 
     def expired(self, read):
         expires, seq = read.after or (0, 0)

@@ -244,9 +244,11 @@ class SQLiteBackend(Backend):
             "WHERE until <= ? LIMIT ?)", (op.now, op.limit)).rowcount
 
     def delete(self, seqs):
+        deleted = 0
         for size, chunk in _chunks(seqs):
-            self.db.execute("DELETE FROM messages WHERE seq IN (%s)" % ",".join("?" * size),
-                            chunk)
+            deleted += self.db.execute("DELETE FROM messages WHERE seq IN (%s)"
+                                       % ",".join("?" * size), chunk).rowcount
+        return deleted
 
     def reserve(self, next_seq):
         self.db.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'next_seq'",
@@ -301,6 +303,24 @@ class SQLiteBackend(Backend):
                 "(SELECT 1 FROM messages WHERE messages.queue = names.queue AND due = 0)"
                 % ",".join(["(?)"] * len(chunk)), chunk))
         return held
+
+    def count_stored(self):
+        return self.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+
+    def depths(self, read):
+        # As count(): the two partial indexes (a range of each where the glob starts with
+        # literal text), minus the few expired. SQLite's GLOB is fnmatch's but for [!...].
+        return self.db.execute(
+            "SELECT queue, SUM(n) FROM ("
+            "SELECT queue, COUNT(*) AS n FROM messages WHERE queue GLOB :glob AND due = 0 "
+            "GROUP BY queue UNION ALL "
+            "SELECT queue, COUNT(*) FROM messages WHERE queue GLOB :glob AND due > 0 "
+            "GROUP BY queue UNION ALL "
+            "SELECT queue, -COUNT(*) FROM messages WHERE expires > 0 AND expires <= :now "
+            "AND queue GLOB :glob GROUP BY queue) "
+            "GROUP BY queue HAVING SUM(n) > 0 ORDER BY queue LIMIT :limit",
+            {"glob": read.pattern.replace("[!", "[^"), "now": read.now, "limit": read.limit}
+        ).fetchall()
 
     def expired(self, read):
         expires, seq = read.after or (0, 0)

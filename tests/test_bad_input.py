@@ -111,7 +111,8 @@ class Scene:
         return self.broker.call(lambda: (sorted(c.peer for c in server.connections),
                                          sorted(c.peer for c in server.broker.connections)))
 
-    def finish(self, protocol_errors=1, messages_in=0, messages_out=0, connections=None):
+    def finish(self, protocol_errors=1, messages_in=0, messages_out=0, connections=None,
+               logins_refused=0):
         """Bad clients gone: the broker released them, counted them, still serves the
         bystander."""
         for client in self.clients:
@@ -125,7 +126,8 @@ class Scene:
                          "messages_in": messages_in, "messages_out": messages_out,
                          "protocol_errors": protocol_errors, "slow_consumers": 0,
                          "redelivered": 0, "refused": 0, "dead_lettered": 0, "expired": 0,
-                         "tls_failures": 0}
+                         "tls_failures": 0, "acked": 0, "nacked": 0, "ack_timeouts": 0,
+                         "logins_refused": logins_refused, "access_refused": 0}
         self.bystander.check()
         self.bystander.check()
         self.before = self.broker.stats
@@ -579,7 +581,7 @@ def test_bad_credentials(scene, credentials, receipt):
         headers["receipt"] = receipt
     bad.send("CONNECT", headers)
     expect_error(bad, "bad credentials", receipt=receipt)
-    s.finish()
+    s.finish(logins_refused=1)
 
 
 @pytest.mark.parametrize("command", ["CONNECT", "STOMP"])

@@ -33,8 +33,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pymq_storage import (Backend, Storage, StorageError, StoredMessage, open_backend,
+from pymq_storage import (Backend, Storage, StorageError, StoredMessage, now_ms, open_backend,
                           open_storage)
+from pymq_storage.base import Histogram
 from conftest import STORE_TIMEOUT as TIMEOUT, shutdown, within
 from pymq_storage.memory import MemoryBackend
 from pymq_storage.sqlite import SCHEMA_VERSION, SQLiteBackend
@@ -1024,6 +1025,108 @@ def test_sqlite_hub_keeps_running_while_the_disk_works(tmp_path, open_store):
 
 
 # ---------------------------------------------------------------------------------------------
+# What /metrics reads: the stored count, the queue depths, the batch histograms
+# ---------------------------------------------------------------------------------------------
+
+def test_stored_count_is_kept_through_every_kind_of_write(store, open_store, backend_url):
+    assert store.stored == 0
+    first, second = put_wait(store), put_wait(store)
+    put_wait(store, "r")
+    cancelled, _ = put(store)
+    assert store.delete(cancelled.seq) is None          # never written
+    now = now_ms()
+    kept = store.new_message("d", 4, 0.0, [], b"x")
+    within(store.save(kept, ("key", now, now + 60000)).wait)
+    duplicate = store.new_message("d", 4, 0.0, [], b"x")
+    within(store.save(duplicate, ("key", now, now + 60000)).wait)      # not stored
+    assert store.stored == 4
+    within(store.delete(first.seq).wait)
+    within(store.delete(first.seq).wait)                # gone already: no change
+    store.dead_letter(second, "DLQ.q", [])              # moved: no change
+    assert within(store.purge, "r", set(), store.next_seq) == 1
+    assert store.stored == 2
+    assert store.stored == sum(count(store, queue) for queue in ("q", "r", "d", "DLQ.q"))
+    if backend_url != "memory:":                        # counted once at open
+        store.close()
+        assert open_store(backend_url).stored == 2
+
+
+class AnswerLostMemoryBackend(MemoryBackend):
+    """Applies a batch, then fails as if the connection dropped before the answer came: the
+    writes happened, though the batch failed (as a COMMIT whose outcome was lost)."""
+
+    lose_answer = False
+
+    def apply(self, batch):
+        results = super().apply(batch)
+        if self.lose_answer:
+            self.lose_answer = False
+            raise OSError("connection lost")
+        return results
+
+
+def test_stored_count_is_counted_again_after_an_uncertain_batch(open_store):
+    backend = AnswerLostMemoryBackend()
+    storage = open_store(backend)
+    put_wait(storage)
+    backend.lose_answer = True
+    _, batch = put(storage)
+    with pytest.raises(StorageError):
+        within(batch.wait)
+    assert storage.stats["errors"] == 1
+    assert storage.stored == 1              # it cannot know
+    within(storage.barrier().wait)          # the next batch counts
+    assert storage.stored == 2 == len(backend.messages)
+
+
+def test_depths_of_the_queues_a_glob_matches(store):
+    now = now_ms()
+    for queue, messages in (("jobs.a", 2), ("jobs.b", 1), ("JOBS.c", 1), ("a+b(c)", 1),
+                            ("jobs", 1)):
+        for _ in range(messages):
+            put_wait(store, queue)
+    delayed = store.new_message("jobs.b", 4, 0.0, [], b"x", due=now + 60000)
+    within(store.save(delayed).wait)                    # delayed: counted
+    for queue in ("jobs.b", "jobs.x"):                  # expired: never counted
+        expired = store.new_message(queue, 4, 0.0, [], b"x", expires=now - 1)
+        within(store.save(expired).wait)
+
+    def depths(pattern, limit=10):
+        return within(store.depths, pattern, limit)
+
+    assert depths("jobs.*") == [("jobs.a", 2), ("jobs.b", 2)]
+    assert depths("jobs*", 2) == [("jobs", 1), ("jobs.a", 2)]      # the first by name
+    assert depths("jobs.[!a]") == [("jobs.b", 2)]
+    assert depths("jobs.[ab]") == [("jobs.a", 2), ("jobs.b", 2)]
+    assert depths("?OBS.?") == [("JOBS.c", 1)]                      # case-sensitive
+    assert depths("a+b(*") == [("a+b(c)", 1)]                       # no regex in a glob
+    assert depths("jobs") == [("jobs", 1)]
+    assert depths("nothing*") == []
+
+
+def test_batch_histograms_count_each_batch_applied(store):
+    sizes, seconds = store.batch_sizes, store.commit_seconds
+    before = sum(sizes.counts), sum(seconds.counts), sizes.sum
+    messages = [put(store)[0] for _ in range(3)]        # one batch: three inserts
+    within(store.flush)
+    assert (sum(sizes.counts), sum(seconds.counts)) == (before[0] + 1, before[1] + 1)
+    assert sizes.sum == before[2] + 3
+    assert seconds.sum > 0
+    for message in messages:
+        store.delete(message.seq)
+    within(store.flush)
+    assert sum(sizes.counts) == before[0] + 2
+
+
+def test_histogram_buckets_hold_values_up_to_their_bound():
+    histogram = Histogram((1, 5))
+    for value in (0, 1, 1.5, 5, 6):
+        histogram.observe(value)
+    assert histogram.counts == [2, 2, 1]
+    assert histogram.sum == 13.5
+
+
+# ---------------------------------------------------------------------------------------------
 # Hypothesis: random operation sequences against a dict model
 # ---------------------------------------------------------------------------------------------
 
@@ -1051,9 +1154,10 @@ def test_random_operations_match_a_dict_model(backend, ops):
         storage = Storage(open_backend(url))
         within(storage.open)
         try:
-            run_against_model(storage, ops)
+            stored = run_against_model(storage, ops)
             within(storage.flush)
             assert storage.pending_bytes == 0
+            assert storage.stored == stored     # kept, not counted: stale deletes included
         finally:
             shutdown(storage)
 
@@ -1109,3 +1213,4 @@ def run_against_model(storage, ops):
             within(storage.flush)
     for queue in QUEUES:
         assert seqs(within(storage.load, queue, None, 10**6)) == expected(queue, None, 10**6)
+    return len(model)
