@@ -276,18 +276,24 @@ class Listener:
         return self.messages.get(timeout=timeout)
 
 
+def stomp_connect(address, version="1.2", conn_kwargs=None, **connect_kwargs):
+    """A stomp.py connection to `address`, connected: (connection, Listener)."""
+    import stomp
+    classes = {"1.0": stomp.Connection10, "1.1": stomp.Connection11, "1.2": stomp.Connection12}
+    conn = classes[version]([address], **(conn_kwargs or {}))
+    listener = Listener()
+    conn.set_listener("test", listener)
+    conn.connect(wait=True, **connect_kwargs)
+    return conn, listener
+
+
 @pytest.fixture
 def stomp_client(broker):
     """stomp_client(version="1.2", **connect_kwargs) -> (connection, Listener), connected."""
-    import stomp
-    classes = {"1.0": stomp.Connection10, "1.1": stomp.Connection11, "1.2": stomp.Connection12}
     connections = []
 
     def make(version="1.2", address=None, **kwargs):
-        conn = classes[version]([address or broker.address], **kwargs.pop("conn_kwargs", {}))
-        listener = Listener()
-        conn.set_listener("test", listener)
-        conn.connect(wait=True, **kwargs)
+        conn, listener = stomp_connect(address or broker.address, version, **kwargs)
         connections.append(conn)
         return conn, listener
 
@@ -298,17 +304,19 @@ def stomp_client(broker):
 
 
 class BrokerProcess:
-    """`python pymq.py ARGS` in a subprocess, as ops run it; its port is read from its log."""
+    """`python pymq.py ARGS` in a subprocess, as ops run it; its port is read from its log.
+    `command` runs another pymq instead (an installed `pymq` command), with `env` if given."""
 
-    def __init__(self, *args, cwd=None, port="0"):
+    def __init__(self, *args, cwd=None, port="0", command=None, env=None):
         import subprocess
         import tempfile
         self._tmp = None
         if cwd is None:
             cwd = self._tmp = tempfile.mkdtemp(prefix="pymq-test-")    # for the default pymq.db
+        command = command or [sys.executable, str(ROOT / "pymq.py")]
         ports = ("--port", port) if port is not None else ()
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "pymq.py"), *ports, *args], cwd=cwd,
+            [*command, *ports, *args], cwd=cwd, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines = queue.Queue()
         self.log = []
