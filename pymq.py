@@ -139,6 +139,12 @@ OPTIONS = (
                                      "default: none)"),
     ("log-level", "info", "LEVEL", "log events of this level and above: debug, info, "
                                    "warning or error"),
+    ("cluster", False, None, "one node of several sharing the PostgreSQL store: every node "
+                             "serves every queue and topic"),
+    ("node-name", None, "NAME", "this node's name in the cluster (default: host name and "
+                                "port)"),
+    ("lease-timeout", 15.0, "SECS", "a cluster node silent this long is dead to the others, "
+                                    "which take over what it held"),
     ("debug", False, None, "log connections and frames to stderr (--log-level debug)"),
     # ocamlmq's PostgreSQL flags, so that its command lines and scripts keep working: any of
     # them selects PostgreSQL instead of --db.
@@ -194,6 +200,11 @@ class Options:
             raise ValueError("options tls-ca and tls-cert-login need --tls-port")
         if self.tls_cert_login and not self.tls_ca:
             raise ValueError("option tls-cert-login needs --tls-ca (client certificates)")
+        if self.cluster and not self.db.startswith(("postgresql://", "postgres://")):
+            raise ValueError("option cluster needs a PostgreSQL store (--db postgresql://... "
+                             "or the --db* options), not %s" % without_password(self.db))
+        if self.lease_timeout < 1:
+            raise ValueError("option lease-timeout: must be at least 1 second")
         if self.log_level not in LOG_LEVELS:
             raise ValueError("option log-level: %r is not one of %s"
                              % (self.log_level, ", ".join(LOG_LEVELS)))
@@ -789,15 +800,16 @@ class Queue:
     def trim(self):
         """Keep the buffer bounded: forget the last messages (they are in storage, their
         delivery counts too) and move the cursor back before them. Never during a refill,
-        whose result would move the cursor past what was forgotten."""
+        whose result would move the cursor past what was forgotten. Returns their seqs."""
         size = self.refill_size
         entries = sorted(self.ready)
-        for entry in entries[size:]:
-            self.held.discard(entry[1].seq)
+        forgotten = [entry[1].seq for entry in entries[size:]]
+        self.held.difference_update(forgotten)
         boundary = entries[size - 1][0]
         self.cursor = boundary if self.cursor is None else min(self.cursor, boundary)
         self.exhausted = False
         self.ready = entries[:size]     # sorted: a heap already
+        return forgotten
 
     def next_subscription(self, avoid=None):
         """The next subscription, in round-robin order, that can take a message now; another
@@ -818,6 +830,16 @@ class Queue:
             self.next_sub = fallback + 1
             return subs[fallback]
         return None
+
+
+def _room(sub):
+    """How many more messages a subscription may take before its prefetch is reached (auto:
+    a refill's worth)."""
+    if sub.conn.closing:
+        return 0
+    if sub.ack == "auto":
+        return REFILL_BATCH
+    return sub.prefetch - (len(sub.in_flight) if sub.in_flight else 0)
 
 
 def _can_take(sub, queue):
@@ -844,6 +866,7 @@ class Queues:
         self.storage = None           # given at start (Broker.start)
         self.redelivery = None        # what happens to a message that comes back: ditto
         self.schedule = None          # the store's timed work: ditto
+        self.cluster = False          # one node of several: messages are claimed (ditto)
         # queue name -> Queue, only while it has subscribers; or its only QueueSubscription,
         # while nothing of the queue is ready in storage or in memory (see _settle)
         self.queues = {}
@@ -867,6 +890,8 @@ class Queues:
         if dedup_key is not None:
             sent = pymq_storage.now_ms()
             dedup = (dedup_key, sent, sent + int(self.options.dedup_window * 1000))
+        if self.cluster:
+            return self._enqueue_shared(name, message, due, dedup)
         batch = self.storage.save(message, dedup)
         if due:
             self.schedule.note_due(due)
@@ -882,6 +907,27 @@ class Queues:
                     queue.make_ready(message)
                 self.dispatch(queue)
         # Backpressure: past the async budget, this sender's reads wait for the writer.
+        self.storage.wait_for_budget(self.options.async_budget)
+        return batch, message
+
+    def _enqueue_shared(self, name, message, due, dedup):
+        """enqueue() on a cluster node: a message that a consumer here can take at once is
+        held by this node from its insert on (the local path: no claim, no round trip);
+        any other is stored free, for whichever node has a consumer ready first."""
+        queue = None
+        if not due and dedup is None and self.storage.lease_ok():
+            queue = self._queue(name)
+            if queue is not None and (queue.ready or not any(_can_take(sub, queue)
+                                                             for sub in queue.subs)):
+                queue = None
+        batch = self.storage.save(message, dedup, held=queue is not None)
+        if due:
+            self.schedule.note_due(due)
+        if queue is None:
+            message = None          # Queues.arrived, once stored, here and on every node
+        else:
+            queue.make_ready(message)
+            self.dispatch(queue)
         self.storage.wait_for_budget(self.options.async_budget)
         return batch, message
 
@@ -926,6 +972,8 @@ class Queues:
             self.dispatch(queue)
         else:
             del self.queues[queue.name]      # its messages are all in storage
+            if self.cluster:
+                self.storage.release_queue(queue.name)      # others may take them now
 
     def count_subscribers(self, name):
         queue = self.queues.get(name)
@@ -962,6 +1010,8 @@ class Queues:
     def dispatch(self, queue):
         """Deliver ready messages round-robin to subscriptions that can take one; an expired
         one is never delivered; keep the buffer bounded and refilled."""
+        if self.cluster and not self.storage.lease_ok():
+            return          # what this node holds may be another's: wait for the heartbeat
         ready = queue.ready
         while ready and queue.in_order(ready[0][0]):
             _, message, previous = ready[0]
@@ -979,15 +1029,22 @@ class Queues:
         if queue.exhausted and not ready:
             self._settle(queue)
         elif len(ready) > 2 * queue.refill_size:
-            queue.trim()
+            forgotten = queue.trim()
+            if self.cluster:
+                self.storage.release(forgotten)     # others may take them now
         elif not queue.exhausted and (len(ready) < queue.refill_size // 2
                                       or (ready and not queue.in_order(ready[0][0]))):
             if not ready and not any(_can_take(sub, queue) for sub in queue.subs):
                 # Nobody can take a message now: load when someone can (an ACK, a drained
                 # backlog, a new subscriber dispatch again), not to hold it in memory meanwhile.
                 return
-            queue.refilling = self.storage.load_async(queue.name, queue.cursor,
-                                                      queue.refill_size, self._refilled)
+            size = queue.refill_size
+            if self.cluster:
+                # Claim no more than the consumers here can take: what one node holds, the
+                # others' consumers cannot have.
+                size = max(1, min(size, sum(_room(sub) for sub in queue.subs) - len(ready)))
+            queue.refilling = self.storage.load_async(queue.name, queue.cursor, size,
+                                                      self._refilled)
 
     def _deliver(self, queue, sub, message):
         conn = sub.conn
@@ -1037,8 +1094,12 @@ class Queues:
 
     def requeue(self, queue, message, previous):
         """Put a message that came back into its queue's buffer, if the queue is still active
-        (else it waits in storage for the next subscriber)."""
-        if self.queues.get(queue.name) is queue:
+        (else it waits in storage for the next subscriber). A cluster node lets go of it:
+        whichever node has a consumer ready takes it (this one too, through its refill)."""
+        if self.cluster:
+            queue.release(message.seq)
+            self.storage.release([message.seq])
+        elif self.queues.get(queue.name) is queue:
             heapq.heappush(queue.ready, (message.key, message, previous))
 
     def redispatch(self, queue):
@@ -1193,6 +1254,14 @@ class Queues:
                 queue.ready = kept
                 queue.held -= seqs
 
+    def fence(self):
+        """This cluster node lost its lease: forget every message it held in memory (others
+        may deliver them now); its queues load again from the store once it has a lease."""
+        for queue in self.queues.values():
+            if queue.__class__ is Queue:
+                queue.ready, queue.held = [], None
+                queue.rewind(None)
+
     # -- for the admin control destinations ----------------------------------------------------
 
     def hand_over(self, name, below):
@@ -1233,6 +1302,7 @@ SWEEP_BATCH = 1000        # expired messages taken per sweep step
 PROMOTE_BATCH = 10000     # due messages made ready per batch
 KEYS_INTERVAL = 10.0      # seconds between purges of de-duplication keys past their window
 KEYS_BATCH = 10000        # keys forgotten per batch
+HEARTBEATS = 5            # a cluster node's heartbeats per lease-timeout
 STORE_RETRY = 1.0         # seconds before timed work whose batch failed is tried again
 # Delivery counts are held this long before they are written: most messages are ACKed sooner,
 # and a consumed message needs no count (Storage.count_delivery). A RECEIPT a consumer asks
@@ -1345,12 +1415,16 @@ class Schedule:
         self._sweep_after = None      # where the sweep continues, within one round
         self._forget = Timer(self._start_forget)
         self._counts = Timer(storage.release_counts)
+        self._beat = Timer(self._start_heartbeat)
+        self.changed_counts = dict    # the broker's: subscription counts changed since
 
     def start(self):
         # What fell due while the broker was down goes first; the answer says what is next.
         self._start_promote()
         self.clock.schedule(self._sweep, time.monotonic())
         self.clock.schedule(self._forget, time.monotonic() + KEYS_INTERVAL)
+        if self.storage.backend.cluster:
+            self._start_heartbeat()
 
     def note_due(self, due):
         """A message waits in storage until `due` (epoch ms)."""
@@ -1398,6 +1472,15 @@ class Schedule:
             else:
                 self._sweep_after = None
         self.clock.schedule(self._sweep, time.monotonic() + delay)
+
+    def _start_heartbeat(self):
+        self.storage.heartbeat_async(self.changed_counts(), self._beaten)
+
+    def _beaten(self, op):
+        """A cluster node renews its lease HEARTBEATS times per lease-timeout (Storage keeps
+        the lease)."""
+        interval = self.storage.backend.lease_timeout / HEARTBEATS
+        self.clock.schedule(self._beat, time.monotonic() + interval)
 
     def _start_forget(self):
         self.storage.forget_keys_async(pymq_storage.now_ms(), KEYS_BATCH, self._forgot)
@@ -1684,10 +1767,17 @@ class Control:
         raise ProtocolError("unknown control destination /control/%s" % name[:100])
 
     def count_topic_subscribers(self, topic, frame):
-        return {"num-subscribers": str(len(self.broker.topics.matching(topic)))}
+        return self._subscribers(len(self.broker.topics.matching(topic)), "/topic/" + topic)
 
     def count_queue_subscribers(self, queue, frame):
-        return {"num-subscribers": str(self.broker.queues.count_subscribers(queue))}
+        return self._subscribers(self.broker.queues.count_subscribers(queue), "/queue/" + queue)
+
+    def _subscribers(self, here, destination):
+        """A cluster node adds the other nodes' subscriptions, as their last heartbeats
+        published them."""
+        if self.broker.queues.cluster:
+            here += self._stored(self.broker.storage.subscribers_elsewhere, [destination])
+        return {"num-subscribers": str(here)}
 
     def count_messages(self, queue, frame):
         """Stored and not ACKed (in flight and delayed included, expired never); of them,
@@ -2039,21 +2129,29 @@ class Broker:
             "ABORT": self.on_abort, "DISCONNECT": self.on_disconnect,
         }
         self.drained = self.queues.drained      # a connection's backlog was written
+        self._counts_changed = set()    # a cluster node's destinations whose count changed
 
     def start(self):
         self.auth.load()
         storage = self.storage
         self.queues.storage = self.redelivery.storage = storage
         self.schedule = Schedule(self.clock, storage, self.redelivery)
+        self.schedule.changed_counts = self._changed_counts
         self.queues.schedule = self.redelivery.schedule = self.schedule
         storage.on_insert_failed = self.queues._unsend
         storage.on_probed = self.queues._probed
         storage.on_arrived = self.queues.arrived
+        storage.on_topic = self._topic_from_node
+        self.queues.cluster = storage.backend.cluster
         self.clock.start()
         self.schedule.start()
 
     def stop(self):
         self.clock.stop()
+
+    def _topic_from_node(self, topic, headers, body):
+        """Another cluster node's topic message, for the subscribers here."""
+        self.topics.publish(topic, Frame("SEND", dict(headers), body))
 
     # -- connections -------------------------------------------------------------------------
 
@@ -2154,6 +2252,13 @@ class Broker:
         kind, name = parse_destination(frame.headers.get("destination"))
         self.stats["messages_in"] += 1
         if kind == "topic":
+            if self.queues.cluster:
+                # The other nodes' subscribers too: with the next batch, in order.
+                headers = [(k, v) for k, v in frame.headers.items() if k not in _NOT_FORWARDED]
+                try:
+                    self.storage.publish(name, headers, frame.body)
+                except pymq_storage.StorageError as error:
+                    raise ProtocolError("message not sent: %s" % error)
             self.topics.publish(name, frame)
         elif kind == "control":
             return self.control.handle(conn, name, frame)
@@ -2183,6 +2288,8 @@ class Broker:
         else:
             sub = self.topics.subscribe(conn, sub_id, name, ack)
         conn.subscriptions[sub.id] = sub
+        if self.queues.cluster:
+            self._counts_changed.add(destination)
         self.subscription_counts[sub.kind] += 1
 
     def on_unsubscribe(self, conn, frame):
@@ -2209,6 +2316,22 @@ class Broker:
             self.queues.remove(sub)
         else:
             self.topics.remove(sub)
+        if self.queues.cluster:
+            self._counts_changed.add(sub.destination)
+
+    def _changed_counts(self):
+        """{destination: subscriptions here} of those whose count changed since the last call
+        (a cluster node's heartbeat publishes them)."""
+        changed, self._counts_changed = self._counts_changed, set()
+        counts = {}
+        for destination in changed:
+            kind, _, name = destination[1:].partition("/")
+            if kind == "queue":
+                counts[destination] = self.queues.count_subscribers(name)
+            else:
+                index = self.topics.prefixes if name.endswith("*") else self.topics.exact
+                counts[destination] = len(_members(index.get(name)))
+        return counts
 
     # -- transactions --------------------------------------------------------------------------
 
@@ -2912,7 +3035,14 @@ class Server:
     def start(self):
         opts = self.options
         tls_context = make_tls_context(opts) if opts.tls_port is not None else None
-        self.storage = self.broker.storage = pymq_storage.open_storage(opts.db, opts.db_retry)
+        node = None
+        if opts.cluster:
+            node = (opts.node_name or "%s:%s" % (socket.gethostname(), opts.port
+                                                  or opts.tls_port or os.getpid()),
+                    opts.lease_timeout)
+        self.storage = self.broker.storage = pymq_storage.open_storage(opts.db, opts.db_retry,
+                                                                       node)
+        self.storage.on_fenced = self._fenced
         self.broker.start()
         try:
             if opts.port is not None:
@@ -2998,6 +3128,13 @@ class Server:
             conn.serve()
         finally:
             self.connections.discard(conn)
+
+    def _fenced(self):
+        """This cluster node lost its lease (it was paused or cut off): what it held may be
+        delivered by others now. Every client is told, and nothing held is delivered again."""
+        self.broker.queues.fence()
+        for conn in list(self.connections):
+            conn.abort("cluster node lost its lease: reconnect")
 
     def reload_users(self):
         """Read the users file again (what SIGHUP does)."""

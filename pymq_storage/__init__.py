@@ -32,7 +32,16 @@ def open_backend(url):
     return SQLiteBackend(url)
 
 
-def open_storage(url, retry_for=30.0):
+def open_storage(url, retry_for=30.0, node=None):
     """Open the store at `url` with group commit; call from a gevent greenlet. A batch that
-    fails for a transient reason (the database went away) is retried for `retry_for` s."""
-    return Storage(open_backend(url), retry_for).open()
+    fails for a transient reason (the database went away) is retried for `retry_for` s.
+    node: (name, lease timeout) of this node of a cluster sharing the store (PostgreSQL)."""
+    if node is None:
+        backend = open_backend(url)
+    elif url.startswith(("postgresql://", "postgres://")):
+        from .postgresql import ClusterBackend
+        backend = ClusterBackend(url, *node)
+    else:
+        raise ValueError("a cluster needs a PostgreSQL store (--db postgresql://...), not %s"
+                         % url.split(":")[0])
+    return Storage(backend, retry_for).open()

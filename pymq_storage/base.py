@@ -69,6 +69,9 @@ DEFAULT_PRIORITY = 4
 # out: a message may be delivered before its insert commits, so a crash must not let its id be
 # given to another message. A restart skips what was left of the reservation.
 SEQ_RESERVATION = 100000
+BLOCK_AGE = 1.0         # seconds a cluster node uses a block of seqs at most (see new_message)
+LEASE_SAFETY = 0.8      # a cluster node stops delivering this far into its lease: the rest
+                        # covers clocks that run at different rates
 
 
 class StorageError(Exception):
@@ -182,6 +185,18 @@ class Depths:
         self.now = now
 
 
+class Subscribers:
+    """Read (a cluster node): the subscriptions the other live nodes published for these
+    destinations ("/queue/Q", "/topic/T", "/topic/P*"), all together; a "/topic/T" counts the
+    prefix subscriptions that match it too."""
+
+    __slots__ = ("destinations",)
+    callback = None
+
+    def __init__(self, destinations):
+        self.destinations = destinations
+
+
 class Expired:
     """Read: up to `limit` messages that expired at `now` (0 < expires <= now), in (expires,
     seq) order after `after` (None: from the first), without their bodies."""
@@ -289,12 +304,65 @@ class ForgetKeys:
         return backend.forget_keys(self)
 
 
+class Release:
+    """A cluster node lets go of messages it held (ClusterBackend): `seqs`."""
+
+    __slots__ = ("seqs", "result")
+
+    callback = None
+
+    def __init__(self, seqs):
+        self.seqs = seqs
+        self.result = None
+
+    def apply(self, backend):
+        return backend.release(self)
+
+
+class ReleaseQueue:
+    """A cluster node lets go of every message of `queue` it held: it has no subscriber left."""
+
+    __slots__ = ("queue", "result")
+
+    callback = None
+
+    def __init__(self, queue):
+        self.queue = queue
+        self.result = None
+
+    def apply(self, backend):
+        return backend.release_queue(self)
+
+
+class Heartbeat:
+    """A cluster node renews its lease, and publishes its subscription counts that changed
+    (`counts`: {destination: subscriptions here}). Result: whether it still held the lease.
+    `started`: when it was applied (time.monotonic()), from which the renewed lease runs."""
+
+    __slots__ = ("counts", "callback", "started", "result")
+
+    def __init__(self, counts, callback=None):
+        self.counts = counts
+        self.callback = callback
+        self.started = None
+        self.result = None
+
+    def apply(self, backend):
+        self.started = time.monotonic()
+        return backend.heartbeat(self)
+
+
+ANYWHERE = "anywhere"    # Batch.freed: messages may have become free in any queue
+
+
 class Backend:
     """What a storage backend implements; see the module docstring for the contract."""
 
     # True when calls block the OS thread (sqlite3): Storage then runs them in one thread of
     # their own, so that the gevent hub never waits on the disk.
     blocking = False
+
+    cluster = False     # several nodes share the store (postgresql.ClusterBackend)
 
     def open(self):
         raise NotImplementedError
@@ -318,7 +386,7 @@ class Backend:
         if batch.deletes:
             batch.deleted = self.delete(batch.deletes)
         if batch.next_seq is not None:
-            self.reserve(batch.next_seq)
+            batch.reserved = self.reserve(batch.next_seq)
 
     def answer(self, reads):
         """The results of `reads`, in order."""
@@ -327,6 +395,7 @@ class Backend:
                 else self.count(read) if read.__class__ is Count
                 else self.count_stored() if read.__class__ is Stored
                 else self.depths(read) if read.__class__ is Depths
+                else self.subscribers(read) if read.__class__ is Subscribers
                 else self.load(read) for read in reads]
 
     # The primitives of write() and answer(), each inside apply()'s transaction:
@@ -335,16 +404,19 @@ class Backend:
     #     `sent`); update(messages) writes each one's deliveries and due; dead_letter(op),
     #     move(op), purge(op), promote(op), forget_keys(op) -> op's result; delete(seqs) -> how
     #     many there were (a seq may be gone already, or never have been written);
-    #     reserve(next_seq); load(read), count(read), queues_holding(names), expired(read),
-    #     count_stored(), depths(read).
+    #     reserve(next_seq) -> None, or (first, end) of a block of seqs it chose instead (a
+    #     cluster node: next_seq is then ignored); load(read), count(read),
+    #     queues_holding(names), expired(read), count_stored(), depths(read).
+    # A cluster backend also: release(op), release_queue(op), heartbeat(op); and open() ->
+    # (first, end) of its first block of seqs.
 
 
 class Batch:
     """Writes and reads that will be applied in one transaction."""
 
     __slots__ = ("inserts", "dedup", "updates", "ops", "deletes", "reads", "probes", "next_seq",
-                 "results", "duplicates", "deleted", "arrivals", "retried", "bytes", "done",
-                 "error", "used")
+                 "reserved", "owned", "freed", "notices", "results", "duplicates", "deleted",
+                 "arrivals", "retried", "bytes", "done", "error", "used")
 
     def __init__(self):
         self.inserts = {}           # seq -> StoredMessage
@@ -355,6 +427,11 @@ class Batch:
         self.reads = []
         self.probes = None      # queue names of probe_async(), once there are any
         self.next_seq = None    # a reservation of sequence numbers to record
+        self.reserved = None    # the block a cluster backend reserved instead: (first, end)
+        self.owned = None       # seqs of inserts this cluster node holds (delivers at once)
+        self.freed = None       # {queue: key} made free to take by a cluster backend, or
+                                # ANYWHERE
+        self.notices = None     # topic messages for the other nodes of a cluster
         self.results = None
         self.duplicates = ()    # seqs of inserts skipped as duplicates
         self.deleted = 0        # how many of `deletes` were stored
@@ -370,7 +447,7 @@ class Batch:
 
     def has_writes(self):
         return bool(self.inserts or self.updates or self.ops or self.deletes
-                    or self.next_seq is not None)
+                    or self.next_seq is not None or self.notices)
 
     def wait(self):
         """Block the calling greenlet until the batch is durable; raise StorageError if not."""
@@ -444,6 +521,13 @@ class Storage:
         self._recount = False
         self._next_seq = None
         self._reserved = None       # sequence numbers below this are durably reserved
+        self._block_taken = None    # when a cluster node took its block of seqs (monotonic)
+        # A cluster node's lease (see ClusterBackend): it may deliver what it holds until
+        # this time.monotonic(); on_fenced() when it found it had lost it.
+        self.lease_until = None
+        self.on_fenced = None
+        # Called as on_topic(topic, headers, body) for another cluster node's topic message.
+        self.on_topic = None
         self._pending = Batch()
         self._deliveries = {}       # seq -> message: delivery counts held (count_delivery)
         self._wake = gevent.event.Event()
@@ -466,10 +550,16 @@ class Storage:
             from gevent.threadpool import ThreadPool
             self._pool = ThreadPool(1)       # one OS thread does all of the backend's work
         try:
-            self._next_seq = self._call(self.backend.open)
-            self._reserved = self._next_seq + SEQ_RESERVATION
+            started = time.monotonic()
+            opened = self._call(self.backend.open)
             batch = Batch()
-            batch.next_seq = self._reserved
+            if self.backend.cluster:
+                (self._next_seq, self._reserved), self._block_taken = opened, started
+                self.lease_until = started + LEASE_SAFETY * self.backend.lease_timeout
+            else:
+                self._next_seq = opened
+                self._reserved = self._next_seq + SEQ_RESERVATION
+                batch.next_seq = self._reserved
             batch.reads.append(Stored())
             self.stored = self._call(self.backend.apply, batch)[0]
         except BaseException:
@@ -478,6 +568,8 @@ class Storage:
                 self._pool.kill()
             raise
         self._committer = gevent.spawn(self._commit_loop)
+        if self.backend.cluster:
+            self.backend.listen(self._notified, self._topic_notified)
         return self
 
     def _call(self, function, *args):
@@ -491,8 +583,12 @@ class Storage:
         return result
 
     def new_message(self, queue, priority, ack_timeout, headers, body, due=0, expires=0):
-        """A message with the next sequence number; may wait for a durable reservation."""
-        while self._next_seq >= self._reserved:
+        """A message with the next sequence number; may wait for a durable reservation (a
+        cluster node: a new block once its block is used up or a second old, so that seqs
+        follow arrival across nodes)."""
+        while self._next_seq >= self._reserved or (
+                self._block_taken is not None
+                and time.monotonic() - self._block_taken > BLOCK_AGE):
             self._reserve()
         seq = self._next_seq
         self._next_seq += 1
@@ -507,8 +603,14 @@ class Storage:
         batch = self._use()
         target = self._next_seq + SEQ_RESERVATION
         batch.next_seq = max(batch.next_seq or 0, target)
+        started = time.monotonic()
         batch.wait()
-        self._reserved = max(self._reserved, target)
+        if batch.reserved is None:
+            self._reserved = max(self._reserved, target)
+        elif batch.reserved[1] > self._reserved:
+            # A newer block than ours (not the one another waiter of this batch took already:
+            # blocks only grow).
+            (self._next_seq, self._reserved), self._block_taken = batch.reserved, started
 
     def _use(self):
         """The pending batch, marked as holding work for the committer."""
@@ -519,16 +621,21 @@ class Storage:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def save(self, message, dedup=None):
+    def save(self, message, dedup=None, held=False):
         """Queue the message for the next batch; returns the Batch to wait on for durability.
         dedup: (key, sent, until), epoch ms: store it only if no other message of its queue
-        holds `key` with a window that is still open at `sent`; `until` ends its own."""
+        holds `key` with a window that is still open at `sent`; `until` ends its own.
+        held: a cluster node keeps it (it delivers it at once); else it is free to take."""
         batch = self._pending
         batch.used = True           # the hot path: _use() by hand
         self._wake.set()
         batch.inserts[message.seq] = message
         if dedup is not None:
             batch.dedup[message.seq] = dedup
+        if held:
+            if batch.owned is None:
+                batch.owned = set()
+            batch.owned.add(message.seq)
         size = message.size
         batch.bytes += size
         self.pending_bytes += size
@@ -592,6 +699,62 @@ class Storage:
         self._deliveries.pop(message.seq, None)
         self._use().ops.append(DeadLetter(message.seq, message.priority, message.queue, target,
                                           headers))
+
+    def publish(self, topic, headers, body):
+        """Send a topic message to the other nodes of the cluster (with the next batch: in
+        order, one round trip for many). Raises StorageError if it is too large for that."""
+        notice = self.backend.topic_notice(topic, headers, body)
+        batch = self._use()
+        if batch.notices is None:
+            batch.notices = []
+        batch.notices.append(notice)
+
+    def release(self, seqs):
+        """A cluster node lets go of messages it held: others may take them."""
+        self._use().ops.append(Release(seqs))
+
+    def release_queue(self, queue):
+        """A cluster node lets go of every message of `queue` it held."""
+        self._use().ops.append(ReleaseQueue(queue))
+
+    def heartbeat_async(self, counts, callback):
+        """Renew a cluster node's lease, publish its changed subscription counts: callback(op)
+        once applied (op.result None if the batch failed; False if the lease had been lost:
+        on_fenced() was called first)."""
+        self._use().ops.append(Heartbeat(counts, callback))
+
+    def subscribers_elsewhere(self, destinations):
+        """How many subscriptions the other live cluster nodes have to `destinations`
+        (their last heartbeats' word), all together."""
+        return self._read(Subscribers(destinations))
+
+    def lease_ok(self):
+        """Whether this cluster node may deliver what it holds now."""
+        return time.monotonic() < self.lease_until
+
+    def _beaten(self, op):
+        if op.result is None:
+            return              # the lease runs out unless a later heartbeat gets through
+        lapsed = op.started >= self.lease_until
+        if not op.result:
+            log.error("cluster lease lost (paused or cut off for longer than %g s): what "
+                      "this node held may be another's now; it goes on as a new node",
+                      self.backend.lease_timeout)
+            if self.on_fenced is not None:
+                self.on_fenced()
+        self.lease_until = op.started + LEASE_SAFETY * self.backend.lease_timeout
+        if lapsed or not op.result:
+            # Deliveries stopped meanwhile (or the broker forgot all it held): start again
+            # from the store, everywhere.
+            self._notified(None)
+
+    def _notified(self, arrivals):
+        if self.on_arrived is not None:
+            self._callback(self.on_arrived, arrivals)
+
+    def _topic_notified(self, topic, headers, body):
+        if self.on_topic is not None:
+            self._callback(self.on_topic, topic, headers, body)
 
     def wait_for_budget(self, budget):
         """Block the caller while uncommitted inserts hold more than `budget` bytes."""
@@ -762,6 +925,8 @@ class Storage:
         arrivals = self._arrivals(batch)
         batch.done.set()
         for op in batch.ops:
+            if op.__class__ is Heartbeat:
+                self._beaten(op)
             if op.callback is not None:
                 self._callback(op.callback, op)
         for index, read in enumerate(batch.reads):
@@ -799,7 +964,7 @@ class Storage:
     def _arrivals(self, batch):
         """Where stored messages may have appeared that the broker did not put there (see
         on_arrived)."""
-        if batch.retried:
+        if batch.retried or batch.freed is ANYWHERE:
             return None
         arrivals = {}
         if batch.error is not None:
@@ -823,6 +988,9 @@ class Storage:
             elif op.__class__ is Promote:
                 for queue, key in op.result[0].items():
                     _arrive(arrivals, queue, key)
+        if batch.freed:
+            for queue, key in batch.freed.items():
+                _arrive(arrivals, queue, key)
         return arrivals
 
     def barrier(self):

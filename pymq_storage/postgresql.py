@@ -19,11 +19,13 @@ Several pymq nodes over one database (a later step) would need, beyond this:
 The schema keeps those doors open: nothing here depends on being the only reader.
 """
 
+import base64
+import itertools
 import json
 import logging
 import re
 
-from .base import Backend, StoredMessage
+from .base import ANYWHERE, Backend, StorageError, StoredMessage, _arrive
 
 log = logging.getLogger("pymq.storage")
 
@@ -67,6 +69,8 @@ INDEXES = [
         until BIGINT NOT NULL,
         PRIMARY KEY (queue, key))""",
     "CREATE INDEX IF NOT EXISTS pymq_dedup_until ON pymq_dedup (until)",
+    # The cluster node that holds the message (ClusterBackend); always NULL on a single node.
+    "ALTER TABLE pymq_messages ADD COLUMN IF NOT EXISTS owner BIGINT",
 ]
 COLUMNS = ("SELECT seq, queue, priority, ack_timeout, headers, body, due, expires, deliveries, "
            "dead_letter FROM pymq_messages ")
@@ -230,7 +234,7 @@ class PostgreSQLBackend(Backend):
     def dead_letter(self, op):
         self.cursor.execute(
             "UPDATE pymq_messages SET queue = %s, headers = %s, due = 0, expires = 0, "
-            "deliveries = 0, dead_letter = TRUE WHERE seq = %s AND queue = %s",
+            "deliveries = 0, dead_letter = TRUE, owner = NULL WHERE seq = %s AND queue = %s",
             (op.target, json.dumps(op.headers), op.seq, op.source))
         return self.cursor.rowcount == 1
 
@@ -244,7 +248,8 @@ class PostgreSQLBackend(Backend):
         params["target"] = op.target
         self.cursor.execute(
             "UPDATE pymq_messages SET queue = %%(target)s, due = 0, expires = 0, "
-            "deliveries = 0, dead_letter = FALSE WHERE seq IN (%s)" % chosen, params)
+            "deliveries = 0, dead_letter = FALSE, owner = NULL WHERE seq IN (%s)" % chosen,
+            params)
         return self.cursor.rowcount
 
     def purge(self, op):
@@ -351,3 +356,364 @@ class PostgreSQLBackend(Backend):
         if self.db is not None and not self.db.closed:
             self.db.close()
         self.db = None
+
+
+# -- several nodes over one database (--cluster) -----------------------------------------------
+
+CLUSTER_TABLES = [
+    # One row per node incarnation: a restarted or fenced node registers again (a new id), so
+    # the messages its old incarnation held are free once that one's heartbeat is stale.
+    """CREATE TABLE IF NOT EXISTS pymq_nodes (
+        id          BIGSERIAL PRIMARY KEY,
+        name        TEXT NOT NULL,
+        address     TEXT NOT NULL,
+        started     TIMESTAMPTZ NOT NULL DEFAULT now(),
+        heartbeat   TIMESTAMPTZ NOT NULL DEFAULT now())""",
+    # Sequence numbers come in blocks, so that nodes never hand out the same one.
+    "CREATE SEQUENCE IF NOT EXISTS pymq_seq_blocks",
+    # Each node's subscriptions per destination, as of its last heartbeat (count-subscribers).
+    """CREATE TABLE IF NOT EXISTS pymq_subscriptions (
+        node        BIGINT NOT NULL,
+        destination TEXT NOT NULL,
+        count       INTEGER NOT NULL,
+        PRIMARY KEY (node, destination))""",
+]
+SEQ_BLOCK = 1000            # seqs a node reserves at once (see ClusterBackend.reserve)
+CHANNEL = "pymq"            # LISTEN/NOTIFY channel of the cluster
+NOTICE_MAX = 7999           # bytes of a NOTIFY payload (PostgreSQL's limit is 8000)
+# A message is free to take: nobody holds it, we do, or its holder's lease ran out.
+FREE = ("(owner IS NULL OR owner = %(me)s OR NOT EXISTS (SELECT 1 FROM pymq_nodes n "
+        "WHERE n.id = owner AND n.heartbeat > now() - %(lease)s * interval '1 second'))")
+
+
+class ClusterBackend(PostgreSQLBackend):
+    """PostgreSQL shared by several pymq nodes (--cluster). What differs from one node:
+
+    - Delivery claims: a load takes the messages it returns (owner = this node) with
+      SELECT ... FOR UPDATE SKIP LOCKED, among those nobody holds or whose holder's lease ran
+      out; a message's lease is its node's, renewed by the node's heartbeat (Heartbeat op)
+      rather than row by row. An insert is held when the node delivers it at once
+      (batch.owned), else free. What leaves the node's memory without being deleted is let go
+      (Release, ReleaseQueue, a due time, a dead letter, a move), and a clean stop lets go of
+      everything.
+    - Sequence numbers in blocks of SEQ_BLOCK from a SEQUENCE (Storage takes a new block at
+      least every second, so that order by seq stays order of arrival across nodes to within
+      a second).
+    - After each batch, NOTIFY tells the other nodes in which queues messages became free to
+      take (one notification per queue and batch, with the smallest key): their refills start
+      again from there (Storage.on_arrived). A node that finds another's lease ran out tells
+      everyone to look everywhere. A listener connection turns notifications into arrivals;
+      after it (re)connects, anything may have changed.
+    """
+
+    cluster = True
+
+    def __init__(self, dsn, node_name, lease_timeout):
+        super().__init__(dsn)
+        self.node_name = node_name
+        self.lease_timeout = lease_timeout
+        self.node_id = None
+        self.freed = {}             # queue -> smallest key freed in this batch; None: anywhere
+        self._owned = None          # the batch's inserts this node holds
+        self._notices = itertools.count()
+        self._listener = None
+
+    def open(self):
+        super().open()
+        db = self.db
+        with db.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(7273211)")
+            for statement in CLUSTER_TABLES:
+                cursor.execute(statement)
+            # A store written by a single node goes on from its seqs.
+            cursor.execute("SELECT GREATEST((SELECT value FROM pymq_meta WHERE key = "
+                           "'next_seq'), (SELECT COALESCE(MAX(seq), 0) + 1 FROM pymq_messages))")
+            floor = cursor.fetchone()[0]
+            cursor.execute("SELECT setval('pymq_seq_blocks', %s, false) WHERE "
+                           "(SELECT last_value FROM pymq_seq_blocks) < %s", (floor, floor))
+        db.commit()
+        with db.cursor() as self.cursor:
+            self.register()
+            block = self.reserve(None)
+        self.cursor = None
+        db.commit()
+        return block
+
+    def register(self):
+        """A new incarnation of this node: a fresh id, so that nothing held by an old one
+        (which may still be running somewhere, paused) is taken for ours."""
+        self.cursor.execute("INSERT INTO pymq_nodes (name, address) VALUES (%s, '') "
+                            "RETURNING id", (self.node_name,))
+        self.node_id = self.cursor.fetchone()[0]
+        log.info("cluster node %s is node %d", self.node_name, self.node_id)
+
+    def reserve(self, next_seq):
+        """A block of sequence numbers nobody else has: (first, last + 1). nextval() calls of
+        nodes reserving at once interleave; the run of consecutive ones at the end is kept."""
+        self.cursor.execute("SELECT nextval('pymq_seq_blocks') FROM generate_series(1, %s)",
+                            (SEQ_BLOCK,))
+        seqs = [row[0] for row in self.cursor.fetchall()]
+        start = seqs[-1]
+        for seq in reversed(seqs[:-1]):
+            if seq != start - 1:
+                break
+            start = seq
+        super().reserve(seqs[-1] + 1)       # for a single node started on this store later
+        return start, seqs[-1] + 1
+
+    def params(self, **extra):
+        return dict(extra, me=self.node_id, lease=self.lease_timeout)
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def apply(self, batch):
+        self._owned = batch.owned
+        return super().apply(batch)
+
+    def write(self, batch):
+        self.freed = {}
+        super().write(batch)
+        for seq, message in batch.inserts.items():
+            if (self._owned is None or seq not in self._owned) and not message.due \
+                    and seq not in batch.duplicates:
+                self._free(message.queue, message.key)
+        batch.freed = ANYWHERE if self.freed is None else self.freed
+        notices = [self._queue_notice(None, None)] if self.freed is None else [
+            self._queue_notice(queue, key) for queue, key in self.freed.items()]
+        if batch.notices:
+            notices.extend(batch.notices)
+        if notices:
+            self.cursor.execute("SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS "
+                                "payload", (CHANNEL, notices))
+
+    def _queue_notice(self, queue, key):
+        """Messages of `queue` from `key` on (None for both: anywhere) are free to take."""
+        return json.dumps({"n": self.node_id, "q": queue,
+                           "k": list(key) if key is not None else None})
+
+    def topic_notice(self, topic, headers, body):
+        """A topic message for the other nodes, as a NOTIFY payload (at most NOTICE_MAX
+        bytes: larger messages are refused). The body travels in base64."""
+        # "i": PostgreSQL delivers identical notifications of one transaction once.
+        notice = json.dumps({"n": self.node_id, "i": next(self._notices), "t": topic,
+                             "h": headers, "b": base64.b64encode(body).decode()})
+        if len(notice.encode()) > NOTICE_MAX:
+            raise StorageError("a topic message in a cluster takes at most about %d bytes of "
+                               "body and headers (NOTIFY's payload), this one %d"
+                               % (NOTICE_MAX * 3 // 4 - 100, len(body)))
+        return notice
+
+    def _free(self, queue, key):
+        """Messages of `queue` from `key` on (None: anywhere) became free to take."""
+        if self.freed is not None:
+            _arrive(self.freed, queue, key)
+
+    def insert(self, messages, dedup):
+        duplicates = super().insert(messages, dedup)
+        if self._owned:
+            self.cursor.execute("UPDATE pymq_messages SET owner = %s WHERE seq = ANY(%s)",
+                                (self.node_id, sorted(self._owned)))
+        return duplicates
+
+    def update(self, messages):
+        super().update(messages)
+        # A message waiting to be due (a back-off) is nobody's: whichever node is free then.
+        waiting = [m.seq for m in messages if m.due]
+        if waiting:
+            self.cursor.execute("UPDATE pymq_messages SET owner = NULL WHERE seq = ANY(%s)",
+                                (waiting,))
+
+    def dead_letter(self, op):
+        moved = super().dead_letter(op)
+        if moved:
+            self._free(op.target, (-op.priority, op.seq))
+        return moved
+
+    def _chosen(self, queue, keep, below, limit):
+        # Not what another live node holds: it is in flight there.
+        sql, params = super()._chosen(queue, keep, below, limit)
+        sql = sql.replace("ORDER BY seq", "AND " + FREE + " ORDER BY seq")
+        params.update(self.params())
+        return sql, params
+
+    def move(self, op):
+        moved = super().move(op)
+        if moved:
+            self._free(op.target, None)
+        return moved
+
+    def promote(self, op):
+        result = super().promote(op)
+        for queue, key in result[0].items():
+            self._free(queue, key)
+        return result
+
+    def release(self, op):
+        """The node lets go of messages it held (they came back, or left its buffer)."""
+        self.cursor.execute("UPDATE pymq_messages SET owner = NULL WHERE seq = ANY(%s) AND "
+                            "owner = %s RETURNING queue, priority, seq",
+                            (sorted(op.seqs), self.node_id))
+        for queue, priority, seq in self.cursor.fetchall():
+            self._free(queue, (-priority, seq))
+
+    def release_queue(self, op):
+        self.cursor.execute("UPDATE pymq_messages SET owner = NULL WHERE queue = %s AND "
+                            "owner = %s", (op.queue, self.node_id))
+        if self.cursor.rowcount:
+            self._free(op.queue, None)
+
+    def heartbeat(self, op):
+        """Renew this node's lease. Result: whether it still held it; if not (its row is
+        stale or gone: it was paused, or cut off, past its lease), it is registered again
+        under a new id and Storage fences it. Nodes whose lease ran out are forgotten, and
+        everyone is told to look again everywhere: what they held is free."""
+        self.cursor.execute("UPDATE pymq_nodes SET heartbeat = now() WHERE id = %(me)s AND "
+                            "heartbeat > now() - %(lease)s * interval '1 second'",
+                            self.params())
+        held = self.cursor.rowcount == 1
+        self.cursor.execute("DELETE FROM pymq_nodes WHERE heartbeat < now() - %(lease)s * "
+                            "interval '1 second' RETURNING id", self.params())
+        dead = [row[0] for row in self.cursor.fetchall()]
+        if dead:
+            self.freed = None
+            self.cursor.execute("DELETE FROM pymq_subscriptions WHERE node = ANY(%s)", (dead,))
+        if not held:
+            self.register()
+        if op.counts:
+            from psycopg2.extras import execute_values
+            gone = [d for d, count in op.counts.items() if not count]
+            if gone:
+                self.cursor.execute("DELETE FROM pymq_subscriptions WHERE node = %s AND "
+                                    "destination = ANY(%s)", (self.node_id, gone))
+            counted = [(self.node_id, d, count) for d, count in op.counts.items() if count]
+            if counted:
+                execute_values(self.cursor, "INSERT INTO pymq_subscriptions VALUES %s ON "
+                               "CONFLICT (node, destination) DO UPDATE SET count = "
+                               "excluded.count", counted, page_size=1000)
+        return held
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def load(self, read):
+        """Claim, and return, up to read.limit free messages in delivery order. One taken from
+        a node whose lease ran out may have been delivered there: it counts as delivered
+        once (redelivered)."""
+        if read.after is None:
+            after, params = "", {}
+        else:
+            after = "AND (priority < %(priority)s OR (priority = %(priority)s AND seq > %(seq)s)) "
+            params = {"priority": -read.after[0], "seq": read.after[1]}
+        self.cursor.execute(
+            "UPDATE pymq_messages SET deliveries = CASE WHEN owner IS NULL OR owner = %(me)s "
+            "THEN deliveries ELSE GREATEST(deliveries, 1) END, owner = %(me)s "
+            "WHERE seq IN (SELECT seq FROM pymq_messages WHERE queue = %(queue)s AND due = 0 "
+            + after + "AND " + FREE + " ORDER BY priority DESC, seq LIMIT %(limit)s "
+            "FOR UPDATE SKIP LOCKED) RETURNING " + RETURNED,
+            self.params(queue=read.queue, limit=read.limit, **params))
+        messages = [_message(row) for row in self.cursor.fetchall()]
+        messages.sort(key=_key)
+        return messages
+
+    def subscribers(self, read):
+        self.cursor.execute(
+            "SELECT COALESCE(SUM(s.count), 0) FROM pymq_subscriptions s JOIN pymq_nodes n ON "
+            "n.id = s.node WHERE s.node <> %(me)s AND n.heartbeat > now() - %(lease)s * "
+            "interval '1 second' AND (s.destination = ANY(%(names)s) OR (s.destination LIKE "
+            "'/topic/%%*' AND EXISTS (SELECT 1 FROM unnest(%(names)s) AS name WHERE name LIKE "
+            "'/topic/%%' AND starts_with(name, left(s.destination, -1)))))",
+            self.params(names=list(read.destinations)))
+        return int(self.cursor.fetchone()[0])
+
+    def expired(self, read):
+        # Not what a live node holds: that node finds it expired itself.
+        expires, seq = read.after or (0, 0)
+        self.cursor.execute(
+            "SELECT seq, queue, priority, ack_timeout, headers, NULL, due, expires, deliveries, "
+            "dead_letter FROM pymq_messages WHERE expires > 0 AND expires <= %(now)s "
+            "AND (expires, seq) > (%(expires)s, %(seq)s) AND " + FREE +
+            " ORDER BY expires, seq LIMIT %(limit)s",
+            self.params(now=read.now, expires=expires, seq=seq, limit=read.limit))
+        return [_message(row) for row in self.cursor.fetchall()]
+
+    # -- notifications ---------------------------------------------------------------------------
+
+    def listen(self, on_notified, on_topic):
+        """LISTEN (before the node serves: nothing sent to it after that is missed), then a
+        greenlet turns the other nodes' notifications into on_notified({queue: key}) calls
+        (on_notified(None): look everywhere) and on_topic(topic, headers, body) calls."""
+        import gevent
+        self._listener = gevent.spawn(self._listen_loop, self._listening(), on_notified,
+                                      on_topic)
+
+    def _listening(self):
+        db = self._connect()
+        db.autocommit = True
+        with db.cursor() as cursor:
+            cursor.execute("LISTEN " + CHANNEL)
+        return db
+
+    def _listen_loop(self, db, on_notified, on_topic):
+        import gevent
+        import gevent.socket
+        delay = 0.1
+        while True:
+            try:
+                if db is None:
+                    db = self._listening()
+                    on_notified(None)       # what was notified meanwhile is lost
+                    delay = 0.1
+                while True:
+                    gevent.socket.wait_read(db.fileno())
+                    db.poll()
+                    arrivals = {}
+                    while db.notifies:
+                        notice = json.loads(db.notifies.pop(0).payload)
+                        if notice["n"] == self.node_id:
+                            continue
+                        if "t" in notice:
+                            on_topic(notice["t"], notice["h"], base64.b64decode(notice["b"]))
+                        elif notice["q"] is None:
+                            arrivals = None
+                        elif arrivals is not None:
+                            key = notice["k"]
+                            _arrive(arrivals, notice["q"], tuple(key) if key else None)
+                    if arrivals is None or arrivals:
+                        on_notified(arrivals)
+            except gevent.GreenletExit:
+                raise
+            except Exception as error:
+                log.warning("cluster notifications: %s; listening again in %g s",
+                            str(error).strip() or error.__class__.__name__, delay)
+                gevent.sleep(delay)
+                delay = min(2 * delay, 5.0)
+            finally:
+                if db is not None:
+                    db.close()
+                    db = None
+
+    def close(self):
+        if self._listener is not None:
+            self._listener.kill()
+            self._listener = None
+        # A clean stop: the others may take at once what this node held.
+        try:
+            if self.db is not None and not self.db.closed and self.node_id is not None:
+                with self.db.cursor() as cursor:
+                    cursor.execute("UPDATE pymq_messages SET owner = NULL WHERE owner = %s "
+                                   "RETURNING queue", (self.node_id,))
+                    for queue in {row[0] for row in cursor.fetchall()}:
+                        cursor.execute("SELECT pg_notify(%s, %s)",
+                                       (CHANNEL, self._queue_notice(queue, None)))
+                    cursor.execute("DELETE FROM pymq_nodes WHERE id = %s", (self.node_id,))
+                self.db.commit()
+        except Exception as error:
+            log.warning("cluster node %s: could not let go of what it held: %s",
+                        self.node_name, error)
+        super().close()
+
+
+RETURNED = COLUMNS[len("SELECT "):-len("FROM pymq_messages ")]
+
+
+def _key(message):
+    return message.key

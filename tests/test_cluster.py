@@ -1,0 +1,289 @@
+"""Several pymq nodes over one PostgreSQL (--cluster): every node serves every queue, a message
+goes to one consumer in the whole cluster at a time, a dead or paused node's messages go to
+the others' consumers. Nodes are real processes (kill -9, SIGSTOP), the database is the tests'
+throwaway PostgreSQL."""
+
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+import postgres
+from conftest import TIMEOUT, BrokerProcess, RawClient, count_msgs
+from test_cli import run_pymq
+
+LEASE = 2.0         # --lease-timeout of the test nodes: failover within seconds
+
+
+@pytest.fixture
+def nodes():
+    """nodes(n, *args) -> n running cluster nodes over one fresh database; killed after the
+    test."""
+    started = []
+
+    def start(count, *args):
+        url = postgres.fresh_database_url()
+        for i in range(count):
+            started.append(BrokerProcess("--cluster", "--node-name", "node%d" % i, "--db", url,
+                                         "--lease-timeout", str(LEASE), "--heart-beat", "0,0",
+                                         *args))
+        return started[-count:]
+
+    yield start
+    for node in started:
+        if node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGCONT)
+        node.stop(signal.SIGKILL)
+
+
+def subscriber(node, destination, **headers):
+    client = RawClient(node.address)
+    client.connect("1.2")
+    client.request("SUBSCRIBE", dict(headers, destination=destination, id="1"))
+    return client
+
+
+def consumer(node, queue, prefetch=10):
+    return subscriber(node, "/queue/" + queue, ack="client-individual", prefetch=str(prefetch))
+
+
+@pytest.mark.parametrize("db", ["memory:", "pymq.db"])
+def test_cluster_needs_postgresql(db):
+    result = run_pymq("--cluster", "--db", db)
+    assert result.returncode == 2
+    assert "option cluster needs a PostgreSQL store" in result.stderr
+
+
+def test_a_message_sent_to_one_node_is_consumed_on_another(nodes):
+    a, b = nodes(2)
+    producer = RawClient(a.address)
+    producer.connect("1.2")
+    for i in range(20):                             # stored before anyone consumes
+        producer.request("SEND", {"destination": "/queue/jobs"}, b"%d" % i)
+    worker = consumer(b, "jobs", prefetch=100)
+    messages = [worker.expect("MESSAGE") for _ in range(20)]
+    assert [m.body for m in messages] == [b"%d" % i for i in range(20)]   # in order
+    for message in messages:
+        worker.request("ACK", {"id": message.headers["ack"]})     # deleted once receipted
+    start = time.monotonic()
+    producer.request("SEND", {"destination": "/queue/jobs"}, b"live")
+    assert worker.expect("MESSAGE").body == b"live"     # woken by NOTIFY, not a poll
+    assert time.monotonic() - start < 1.0
+    assert count_msgs(producer, "jobs") == 1            # the store answers, on any node
+
+
+class Worker(threading.Thread):
+    """A consumer that ACKs what it gets, recording (body, redelivered)."""
+
+    def __init__(self, node, queue, prefetch=10):
+        super().__init__(daemon=True)
+        self.client = consumer(node, queue, prefetch)
+        self.got = []
+        self.error = None
+        self.stopping = False
+
+    def run(self):
+        try:
+            while not self.stopping:
+                try:
+                    message = self.client.expect("MESSAGE", timeout=0.5)
+                except socket.timeout:
+                    continue
+                except AssertionError as error:
+                    if "no frame within" in str(error):
+                        continue
+                    raise
+                self.got.append(message.body)
+                self.client.send("ACK", {"id": message.headers["ack"]})
+        except Exception as error:      # reported by the test
+            self.error = error
+
+
+def test_three_nodes_every_message_once(nodes):
+    cluster = nodes(3)
+    workers = [Worker(node, "work") for node in cluster for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    sent = []
+    for n, node in enumerate(cluster):
+        producer = RawClient(node.address)
+        producer.connect("1.2")
+        for i in range(150):
+            body = b"%d-%d" % (n, i)
+            producer.request("SEND", {"destination": "/queue/work"}, body)
+            sent.append(body)
+    deadline = time.monotonic() + 20
+    while sum(len(w.got) for w in workers) < len(sent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for worker in workers:
+        worker.stopping = True
+    for worker in workers:
+        worker.join()
+        assert worker.error is None, worker.error
+    got = [body for worker in workers for body in worker.got]
+    assert sorted(got) == sorted(sent)          # every one, none twice
+    assert sum(1 for w in workers if w.got) >= 3       # spread over the nodes' consumers
+
+
+def test_kill_9_a_node_its_messages_go_to_the_others_marked_redelivered(nodes):
+    a, b = nodes(2)
+    producer = RawClient(b.address)
+    producer.connect("1.2")
+    doomed = consumer(a, "jobs", prefetch=5)        # takes 5 and never ACKs
+    for i in range(10):
+        producer.request("SEND", {"destination": "/queue/jobs"}, b"%d" % i)
+    held = {doomed.expect("MESSAGE").body for _ in range(5)}
+    survivor = consumer(b, "jobs", prefetch=100)
+    others = set()
+    for _ in range(5):
+        message = survivor.expect("MESSAGE")
+        assert "redelivered" not in message.headers
+        others.add(message.body)
+        survivor.send("ACK", {"id": message.headers["ack"]})
+    a.proc.kill()
+    killed = time.monotonic()
+    again = set()
+    for _ in range(5):
+        message = survivor.expect("MESSAGE", timeout=LEASE + TIMEOUT)
+        assert message.headers.get("redelivered") == "true", message
+        again.add(message.body)
+        survivor.send("ACK", {"id": message.headers["ack"]})
+    assert time.monotonic() - killed < LEASE + 1.5      # the lease, and a heartbeat's look
+    assert again == held and not (held & others)
+    assert count_msgs(producer, "jobs") == 0
+    survivor.sock.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        survivor.sock.recv(1)           # nothing ACKed comes back
+
+
+def test_a_paused_node_never_delivers_what_another_took(nodes):
+    a, b = nodes(2)
+    producer = RawClient(b.address)
+    producer.connect("1.2")
+    paused_worker = consumer(a, "jobs", prefetch=3)
+    for i in range(6):
+        producer.request("SEND", {"destination": "/queue/jobs"}, b"%d" % i)
+    held = {paused_worker.expect("MESSAGE").body for _ in range(3)}
+    a.proc.send_signal(signal.SIGSTOP)
+    survivor = consumer(b, "jobs", prefetch=100)
+    taken = set()
+    deadline = time.monotonic() + LEASE + TIMEOUT
+    while len(taken) < 6 and time.monotonic() < deadline:
+        message = survivor.expect("MESSAGE", timeout=LEASE + TIMEOUT)
+        taken.add(message.body)
+        survivor.send("ACK", {"id": message.headers["ack"]})
+    assert taken == {b"%d" % i for i in range(6)}          # the paused node's three too
+    a.proc.send_signal(signal.SIGCONT)
+    # The paused node finds its lease gone: its consumer gets an ERROR, never a message; the
+    # three it held are not delivered again.
+    paused_worker.expect_error("cluster node lost its lease")
+    a.wait_for_log(r"cluster lease lost")
+    survivor.close()
+    producer.request("SEND", {"destination": "/queue/jobs"}, b"after")
+    late = consumer(a, "jobs")          # the node serves again, as a new node
+    assert late.expect("MESSAGE", timeout=LEASE + TIMEOUT).body == b"after"
+    assert held <= taken
+
+
+def test_stomp_py_fails_over_to_the_other_node(nodes):
+    import stomp
+    from conftest import Listener
+    a, b = nodes(2)
+    conn = stomp.Connection12([a.address, b.address], reconnect_sleep_initial=0.1,
+                              reconnect_sleep_increase=0.0, reconnect_attempts_max=50)
+    listener = Listener()
+
+    class Resubscribe(stomp.ConnectionListener):
+        """stomp.py's way: connect again on a lost connection (to the next address of its
+        list that answers), and subscribe on each connection."""
+
+        def on_connected(self, frame):
+            conn.subscribe("/queue/jobs", id="1", ack="client-individual")
+
+        def on_disconnected(self):
+            if not done.is_set():
+                threading.Thread(target=conn.connect, kwargs={"wait": True},
+                                 daemon=True).start()
+
+    done = threading.Event()
+
+    conn.set_listener("test", listener)
+    conn.set_listener("resubscribe", Resubscribe())
+    conn.connect(wait=True)
+    producer = RawClient(b.address)
+    producer.connect("1.2")
+    producer.request("SEND", {"destination": "/queue/jobs"}, b"before")
+    message = listener.next_message()
+    conn.ack(message.headers["ack"])
+    a.proc.kill()                           # the node it was on
+    producer.request("SEND", {"destination": "/queue/jobs"}, b"after")
+    message = listener.next_message(timeout=LEASE + 10)
+    assert message.body == "after"
+    conn.ack(message.headers["ack"])
+    done.set()
+    conn.disconnect()
+
+
+def test_topics_reach_every_node_once_prefix_subscriptions_included(nodes):
+    a, b, c = nodes(3)
+    subscribers = [subscriber(node, destination) for node, destination in (
+        (a, "/topic/news.sport"), (b, "/topic/news.*"), (c, "/topic/*"), (c, "/topic/other"))]
+    publisher = RawClient(b.address)
+    publisher.connect("1.2")
+    body = bytes(range(256)) * 4            # binary, NULs included
+    for i in range(3):
+        publisher.send("SEND", {"destination": "/topic/news.sport", "n": str(i)}, body)
+    publisher.send("SEND", {"destination": "/topic/news.sport", "n": "same"}, b"twice")
+    publisher.send("SEND", {"destination": "/topic/news.sport", "n": "same"}, b"twice")
+    for client in subscribers[:3]:
+        got = [client.expect("MESSAGE") for _ in range(5)]
+        assert [m.headers.get("n") for m in got] == ["0", "1", "2", "same", "same"], got
+        assert all(m.body == body for m in got[:3])
+        assert got[0].headers["destination"] == "/topic/news.sport"
+    subscribers[3].sock.settimeout(0.3)
+    with pytest.raises(socket.timeout):
+        subscribers[3].sock.recv(1)          # /topic/other: nothing
+
+
+def test_a_topic_message_too_large_for_the_cluster_is_refused(nodes):
+    a, b = nodes(2)
+    client = RawClient(a.address)
+    client.connect("1.2")
+    client.send("SEND", {"destination": "/topic/big", "receipt": "r1"}, b"x" * 7000)
+    client.expect_error("topic message in a cluster takes at most", receipt="r1")
+
+
+def eventually(function, expected, seconds=LEASE + TIMEOUT):
+    """Poll `function` until it returns `expected` (the nodes publish counts with their
+    heartbeats: no event to wait for from outside)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = function()
+        if value == expected or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def test_count_subscribers_answers_for_the_whole_cluster(nodes):
+    a, b, c = nodes(3)
+    clients = [subscriber(node, destination) for node, destination in (
+        (a, "/queue/jobs"), (b, "/queue/jobs"), (b, "/queue/jobs"), (c, "/topic/news.sport"),
+        (a, "/topic/news.*"), (b, "/topic/*"))]
+    asker = RawClient(c.address)
+    asker.connect("1.2")
+
+    def count(destination):
+        receipt = asker.request("SEND", {"destination": "/control/count-subscribers"
+                                         + destination})
+        return int(receipt.headers["num-subscribers"])
+
+    assert eventually(lambda: count("/queue/jobs"), 3) == 3
+    assert eventually(lambda: count("/topic/news.sport"), 3) == 3
+    assert count("/topic/weather") == 1             # only /topic/*
+    clients[1].close()                              # one of b's goes
+    assert eventually(lambda: count("/queue/jobs"), 2) == 2
+    b.proc.kill()                                   # b's remaining ones go with it
+    assert eventually(lambda: count("/queue/jobs"), 1, LEASE + TIMEOUT) == 1
+    assert eventually(lambda: count("/topic/news.sport"), 2) == 2
