@@ -27,7 +27,7 @@ greenlet at a time, in order:
   its inserts (an insert with a de-duplication key is skipped when another message of its queue
   holds that key, unexpired: its seq goes into ``batch.duplicates``), its updates (a message's
   ``deliveries`` and ``due``), its operations (``batch.ops``: DeadLetter, Move, Purge, Promote,
-  ForgetKeys, in order; each gets its ``result``), its deletes, and, when ``batch.next_seq``
+  ForgetKeys, Import, in order; each gets its ``result``), its deletes, and, when ``batch.next_seq``
   is not None, the record that sequence numbers below it are taken (see
   Storage.new_message). Make it durable (commit and fsync) before returning; then answer
   ``batch.reads`` (Load, Count, Holding, Expired) against the new state, one result each, in
@@ -48,7 +48,7 @@ it was asked for).
 
 Messages can also appear in a queue's storage without the broker having put them there in
 memory: a de-duplicated SEND once its insert commits, a dead letter, a move, a delayed message
-falling due. After each batch Storage tells the broker, ``on_arrived({queue: key})``: in each
+falling due, an import. After each batch Storage tells the broker, ``on_arrived({queue: key})``: in each
 queue, stored messages may now exist from that key on (None: anywhere); ``on_arrived(None)``
 means anything may have changed (a batch was retried through an outage and its effects may
 have been applied twice, the first time unseen).
@@ -96,8 +96,8 @@ class StoredMessage:
         self.deliveries = deliveries
         self.dead_letter = dead_letter
         self.sender = None
-        # Roughly the bytes it holds in memory, once: a backend loading it may pass a figure
-        # cheaper to get there (the length of the stored headers).
+        # Roughly the bytes it holds in memory, once: a backend loading it (or an import) may
+        # pass a figure cheaper to get there (the length of the stored headers).
         if size is None:
             size = len(body or b"") + sum(len(k) + len(v) for k, v in headers) + 100
         self.size = size
@@ -266,6 +266,41 @@ class ForgetKeys:
         return backend.forget_keys(self)
 
 
+class Import:
+    """Store `messages` (fresh from new_message()), each but those whose `ids` entry (another
+    broker's id of it, one per message) was imported before, or comes twice; record the ids
+    of those stored, in the same commit: importing the same messages again, after a crash
+    part-way or not, stores none twice. Result: the seqs of those skipped. `batch`: the Batch
+    it rides in (Storage.import_messages)."""
+
+    __slots__ = ("messages", "ids", "batch", "result")
+
+    callback = None
+
+    def __init__(self, messages, ids):
+        self.messages = messages
+        self.ids = ids
+        self.batch = None
+        self.result = None
+
+    def apply(self, backend):
+        return backend.import_messages(self)
+
+    def split(self, imported):
+        """(messages to store, their ids, seqs skipped), given the set of ids `imported`
+        before."""
+        stored, ids, skipped = [], [], set()
+        seen = set(imported)
+        for message, source_id in zip(self.messages, self.ids):
+            if source_id in seen:
+                skipped.add(message.seq)
+            else:
+                seen.add(source_id)
+                stored.append(message)
+                ids.append(source_id)
+        return stored, ids, skipped
+
+
 class Backend:
     """What a storage backend implements; see the module docstring for the contract."""
 
@@ -308,7 +343,8 @@ class Backend:
     # insert(messages, dedup) -> seqs skipped as duplicates (dedup: seq -> (key, sent, until):
     #     the key is taken unless another message took it and `until` of that one is after
     #     `sent`); update(messages) writes each one's deliveries and due; dead_letter(op),
-    #     move(op), purge(op), promote(op), forget_keys(op) -> op's result; delete(seqs);
+    #     move(op), purge(op), promote(op), forget_keys(op), import_messages(op) -> op's
+    #     result; delete(seqs);
     #     reserve(next_seq); load(read), count(read), queues_holding(names), expired(read).
 
 
@@ -424,13 +460,16 @@ class Storage:
             raise result
         return result
 
-    def new_message(self, queue, priority, ack_timeout, headers, body, due=0, expires=0):
-        """A message with the next sequence number; may wait for a durable reservation."""
+    def new_message(self, queue, priority, ack_timeout, headers, body, due=0, expires=0,
+                    size=None):
+        """A message with the next sequence number; may wait for a durable reservation.
+        `size`: see StoredMessage."""
         while self._next_seq >= self._reserved:
             self._reserve()
         seq = self._next_seq
         self._next_seq += 1
-        return StoredMessage(seq, queue, priority, ack_timeout, headers, body, due, expires)
+        return StoredMessage(seq, queue, priority, ack_timeout, headers, body, due, expires,
+                             size=size)
 
     @property
     def next_seq(self):
@@ -547,6 +586,14 @@ class Storage:
     def move(self, source, target, limit, keep, below):
         """Move up to `limit` of source's messages (see Move) to target; how many."""
         return self._run(Move(source, target, limit, keep, below))
+
+    def import_messages(self, messages, ids):
+        """Store messages from another broker (see Import) in the next batch, without
+        waiting: returns the Import; wait on its `batch`, then read its `result`."""
+        op = Import(messages, ids)
+        op.batch = self._use()
+        op.batch.ops.append(op)
+        return op
 
     # -- timed work (the broker's clock asks for it) -------------------------------------------
 
@@ -706,6 +753,9 @@ class Storage:
                 _arrive(arrivals, op.target, (-op.priority, op.seq))
             elif op.__class__ is Move and op.result:
                 _arrive(arrivals, op.target, None)
+            elif op.__class__ is Import:
+                for queue in {message.queue for message in op.messages}:
+                    _arrive(arrivals, queue, None)
             elif op.__class__ is Promote:
                 for queue, key in op.result[0].items():
                     _arrive(arrivals, queue, key)
