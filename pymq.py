@@ -129,6 +129,16 @@ OPTIONS = (
     ("drop-expired", False, None, "delete expired messages instead of dead-lettering them"),
     ("dedup-window", 600.0, "SECS", "how long after a SEND with a dedup-id header another SEND "
                                     "with it to the same queue stores nothing"),
+    ("import-ocamlmq", None, "SOURCE", "at start, before listening, import the messages of an "
+                                       "ocamlmq store, each once however often pymq starts "
+                                       "with it: its SQLite file, or a postgresql:// URL of "
+                                       "the database of its ocamlmq_msgs table (default: none)"),
+    ("import-ocamlmq-binlog", None, "FILE", "with --import-ocamlmq: also the messages of "
+                                            "ocamlmq's binlog (-binlog) that it had not "
+                                            "flushed to its database (default: none)"),
+    ("import-ocamlmq-partial", False, None, "import the records of a truncated or corrupt "
+                                            "binlog up to the bad one, rather than refuse to "
+                                            "start"),
     ("log-level", "info", "LEVEL", "log events of this level and above: debug, info, "
                                    "warning or error"),
     ("debug", False, None, "log connections and frames to stderr (--log-level debug)"),
@@ -2277,12 +2287,6 @@ def negotiate_heart_beat(header, server_ms, version):
     return send_ms, recv_ms
 
 
-def without_password(url):
-    """A storage URL fit for a log line."""
-    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-    return re.sub(r"(password=)[^&]*", r"\1***", url)
-
-
 def _credential_ok(expected, given):
     if expected is None:
         return True
@@ -2670,7 +2674,7 @@ class Server:
     def start(self):
         opts = self.options
         tls_context = make_tls_context(opts) if opts.tls_port is not None else None
-        self.storage = self.broker.storage = pymq_storage.open_storage(opts.db, opts.db_retry)
+        self.storage = self.broker.storage = self._open_storage()
         self.broker.start()
         try:
             if opts.port is not None:
@@ -2694,6 +2698,27 @@ class Server:
             log.info("pymq %s listening for TLS on %s:%d%s", __version__, *self._tls.address[:2],
                      " (client certificates required)" if opts.tls_ca else "")
         return self
+
+    def _open_storage(self):
+        """The store, with ocamlmq's messages in it first if asked (or if its PostgreSQL
+        database holds ocamlmq's table): nobody can consume before they are all there. The
+        source is checked before the store is opened, so a bad one leaves it untouched."""
+        from pymq_storage import ocamlmq
+        opts = self.options
+        source = ocamlmq.open_import(opts.import_ocamlmq, opts.import_ocamlmq_binlog,
+                                     opts.import_ocamlmq_partial, opts.db)
+        try:
+            storage = pymq_storage.open_storage(opts.db, opts.db_retry)
+            if source is not None:
+                try:
+                    source.import_into(storage)
+                except BaseException:
+                    storage.close()
+                    raise
+            return storage
+        finally:
+            if source is not None:
+                source.close()
 
     def _accept(self, sock, peer):
         """Socket options for a new TCP connection; False if max-connections is reached."""
@@ -2827,7 +2852,11 @@ def _usage():
         flag = "--%s %s" % (name, metavar) if metavar else "--%s" % name
         if default is not None and default is not False:
             help_text += " (default: %s)" % default
-        # docopt needs two spaces between an option and its description.
+        # docopt needs two spaces between an option and its description: a longer option
+        # has a line of its own.
+        if len(flag) > 25:
+            lines.append("  " + flag)
+            flag = ""
         lines += textwrap.wrap(help_text, 79, initial_indent="  %-25s " % flag,
                                subsequent_indent=" " * 28)
     return USAGE_HEAD + "\n".join(lines) + "\n"
@@ -2975,7 +3004,7 @@ def main(argv=None):
         server.start()
     except Exception as error:
         log.error("cannot start on %s:%d with store %s: %s", options.host, options.port,
-                  without_password(options.db), error)
+                  pymq_storage.without_password(options.db), error)
         return 1
     gevent.signal_handler(signal.SIGHUP, server.reload_users)
     stop_asked.wait()

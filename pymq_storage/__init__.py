@@ -7,6 +7,8 @@ open_storage(url) picks the backend from the URL:
     postgresql://...        PostgreSQL (libpq URI: postgresql://user:pass@host:port/dbname)
 """
 
+import re
+
 from .base import (DEFAULT_PRIORITY, Backend, Count, Load, Storage, StorageError,  # noqa: F401
                    StoredMessage, before, now_ms)
 
@@ -36,3 +38,9 @@ def open_storage(url, retry_for=30.0):
     """Open the store at `url` with group commit; call from a gevent greenlet. A batch that
     fails for a transient reason (the database went away) is retried for `retry_for` s."""
     return Storage(open_backend(url), retry_for).open()
+
+
+def without_password(url):
+    """A storage URL fit for a log line."""
+    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(password=)[^&]*", r"\1***", url)

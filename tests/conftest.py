@@ -299,7 +299,7 @@ def stomp_client(broker):
 class BrokerProcess:
     """`python pymq.py ARGS` in a subprocess, as ops run it; its port is read from its log."""
 
-    def __init__(self, *args, cwd=None):
+    def __init__(self, *args, cwd=None, listening=True):
         import subprocess
         import tempfile
         if cwd is None:
@@ -310,7 +310,11 @@ class BrokerProcess:
         self.lines = queue.Queue()
         self.log = []
         threading.Thread(target=self._read_stderr, daemon=True).start()
-        match = self.wait_for_log(r"listening on (\S+):(\d+)")
+        if listening:
+            self.wait_until_listening()
+
+    def wait_until_listening(self, timeout=10):
+        match = self.wait_for_log(r"listening on (\S+):(\d+)", timeout)
         self.address = (match.group(1), int(match.group(2)))
 
     def _read_stderr(self):
