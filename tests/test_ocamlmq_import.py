@@ -286,15 +286,19 @@ def test_an_imported_ack_timeout_is_honoured(fixtures, broker_process, tmp_path)
 
 
 def test_a_second_start_imports_nothing_again(fixtures, broker_process, tmp_path):
-    args = ("--import-ocamlmq", str(fixtures / "store.db"), "--db", str(tmp_path / "pymq.db"))
-    broker = broker_process(*args, listening=False)
+    """The option stays in the config file: restarts import nothing twice, not even what was
+    consumed in between."""
+    config = tmp_path / "pymq.conf"
+    config.write_text("[pymq]\nimport-ocamlmq = %s\ndb = %s\n"
+                      % (fixtures / "store.db", tmp_path / "pymq.db"))
+    broker = broker_process("--config", str(config), listening=False)
     assert summary(broker) == (100, 3, 0, 60, 0)
     broker.wait_until_listening()
     client = client_of(broker)
-    consumed = drain(client, "emails", 25)       # consumed: they must not come back either
+    consumed = drain(client, "emails", 25)
     assert broker.stop() == 0
 
-    broker = broker_process(*args, listening=False)
+    broker = broker_process("--config", str(config), listening=False)
     assert summary(broker) == (0, 0, 0, 0, 100)
     broker.wait_until_listening()
     client = client_of(broker)
