@@ -27,8 +27,8 @@ greenlet at a time, in order:
   its inserts (an insert with a de-duplication key is skipped when another message of its queue
   holds that key, unexpired: its seq goes into ``batch.duplicates``), its updates (a message's
   ``deliveries`` and ``due``), its operations (``batch.ops``: DeadLetter, Move, Purge, Promote,
-  ForgetKeys, Import, in order; each gets its ``result``), its deletes, and, when ``batch.next_seq``
-  is not None, the record that sequence numbers below it are taken (see
+  ForgetKeys, Import, in order; each gets its ``result``), its deletes, and, when
+  ``batch.next_seq`` is not None, the record that sequence numbers below it are taken (see
   Storage.new_message). Make it durable (commit and fsync) before returning; then answer
   ``batch.reads`` (Load, Count, Holding, Expired) against the new state, one result each, in
   order. If it raises, none of the writes happened. `Backend.answer()` dispatches the reads.
@@ -48,10 +48,10 @@ it was asked for).
 
 Messages can also appear in a queue's storage without the broker having put them there in
 memory: a de-duplicated SEND once its insert commits, a dead letter, a move, a delayed message
-falling due, an import. After each batch Storage tells the broker, ``on_arrived({queue: key})``: in each
-queue, stored messages may now exist from that key on (None: anywhere); ``on_arrived(None)``
-means anything may have changed (a batch was retried through an outage and its effects may
-have been applied twice, the first time unseen).
+falling due, an import. After each batch Storage tells the broker, ``on_arrived({queue:
+key})``: in each queue, stored messages may now exist from that key on (None: anywhere);
+``on_arrived(None)`` means anything may have changed (a batch was retried through an outage
+and its effects may have been applied twice, the first time unseen).
 """
 
 import logging
