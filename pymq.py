@@ -137,6 +137,16 @@ OPTIONS = (
     ("metrics-queues", None, "GLOB", "/metrics gives the depth of each queue whose name (no "
                                      "/queue/) matches GLOB, say jobs.* (at most 1000; "
                                      "default: none)"),
+    ("import-ocamlmq", None, "SOURCE", "at start, before listening, import the messages of an "
+                                       "ocamlmq store, each once however often pymq starts "
+                                       "with it: its SQLite file, or a postgresql:// URL of "
+                                       "the database of its ocamlmq_msgs table (default: none)"),
+    ("import-ocamlmq-binlog", None, "FILE", "with --import-ocamlmq: also the messages of "
+                                            "ocamlmq's binlog (-binlog) that it had not "
+                                            "flushed to its database (default: none)"),
+    ("import-ocamlmq-partial", False, None, "import the records of a truncated or corrupt "
+                                            "binlog up to the bad one, rather than refuse to "
+                                            "start"),
     ("log-level", "info", "LEVEL", "log events of this level and above: debug, info, "
                                    "warning or error"),
     ("cluster", False, None, "one node of several sharing the PostgreSQL store: every node "
@@ -202,7 +212,8 @@ class Options:
             raise ValueError("option tls-cert-login needs --tls-ca (client certificates)")
         if self.cluster and not self.db.startswith(("postgresql://", "postgres://")):
             raise ValueError("option cluster needs a PostgreSQL store (--db postgresql://... "
-                             "or the --db* options), not %s" % without_password(self.db))
+                             "or the --db* options), not %s"
+                             % pymq_storage.without_password(self.db))
         if self.lease_timeout < 1:
             raise ValueError("option lease-timeout: must be at least 1 second")
         if self.log_level not in LOG_LEVELS:
@@ -2420,12 +2431,6 @@ def negotiate_heart_beat(header, server_ms, version):
     return send_ms, recv_ms
 
 
-def without_password(url):
-    """A storage URL fit for a log line."""
-    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-    return re.sub(r"(password=)[^&]*", r"\1***", url)
-
-
 def _credential_ok(expected, given):
     if expected is None:
         return True
@@ -3035,13 +3040,7 @@ class Server:
     def start(self):
         opts = self.options
         tls_context = make_tls_context(opts) if opts.tls_port is not None else None
-        node = None
-        if opts.cluster:
-            node = (opts.node_name or "%s:%s" % (socket.gethostname(), opts.port
-                                                  or opts.tls_port or os.getpid()),
-                    opts.lease_timeout)
-        self.storage = self.broker.storage = pymq_storage.open_storage(opts.db, opts.db_retry,
-                                                                       node)
+        self.storage = self.broker.storage = self._open_storage()
         self.storage.on_fenced = self._fenced
         self.broker.start()
         try:
@@ -3070,6 +3069,32 @@ class Server:
         if self.http is not None:
             log.info("metrics and health on http://%s:%d/", *self.http_address)
         return self
+
+    def _open_storage(self):
+        """The store, with ocamlmq's messages in it first if asked (or if its PostgreSQL
+        database holds ocamlmq's table): nobody can consume before they are all there. The
+        source is checked before the store is opened, so a bad one leaves it untouched."""
+        from pymq_storage import ocamlmq
+        opts = self.options
+        source = ocamlmq.open_import(opts.import_ocamlmq, opts.import_ocamlmq_binlog,
+                                     opts.import_ocamlmq_partial, opts.db)
+        try:
+            node = None
+            if opts.cluster:
+                node = (opts.node_name or "%s:%s" % (socket.gethostname(), opts.port
+                                                      or opts.tls_port or os.getpid()),
+                        opts.lease_timeout)
+            storage = pymq_storage.open_storage(opts.db, opts.db_retry, node)
+            if source is not None:
+                try:
+                    source.import_into(storage)
+                except BaseException:
+                    storage.close()
+                    raise
+            return storage
+        finally:
+            if source is not None:
+                source.close()
 
     def _accept(self, sock, peer):
         """Socket options for a new TCP connection; False if max-connections is reached."""
@@ -3213,7 +3238,11 @@ def _usage():
         flag = "--%s %s" % (name, metavar) if metavar else "--%s" % name
         if default is not None and default is not False:
             help_text += " (default: %s)" % default
-        # docopt needs two spaces between an option and its description.
+        # docopt needs two spaces between an option and its description: a longer option
+        # has a line of its own.
+        if len(flag) > 25:
+            lines.append("  " + flag)
+            flag = ""
         lines += textwrap.wrap(help_text, 79, initial_indent="  %-25s " % flag,
                                subsequent_indent=" " * 28)
     return USAGE_HEAD + "\n".join(lines) + "\n"
@@ -3384,7 +3413,8 @@ def main(argv=None):
         # One line, like every event in the log (libpq's messages span several).
         log.error("cannot start on %s:%s with store %s: %s", options.host,
                   options.port if options.port is not None else options.tls_port,
-                  without_password(options.db), re.sub(r"\s*\n\s*", " ", str(error).strip()))
+                  pymq_storage.without_password(options.db),
+                  re.sub(r"\s*\n\s*", " ", str(error).strip()))
         return 1
     gevent.signal_handler(signal.SIGHUP, server.reload_users)
     stop_asked.wait()

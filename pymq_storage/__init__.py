@@ -7,6 +7,8 @@ open_storage(url) picks the backend from the URL:
     postgresql://...        PostgreSQL (libpq URI: postgresql://user:pass@host:port/dbname)
 """
 
+import re
+
 from .base import (DEFAULT_PRIORITY, Backend, Count, Load, Storage, StorageError,  # noqa: F401
                    StoredMessage, before, now_ms)
 
@@ -45,3 +47,9 @@ def open_storage(url, retry_for=30.0, node=None):
         raise ValueError("a cluster needs a PostgreSQL store (--db postgresql://...), not %s"
                          % url.split(":")[0])
     return Storage(backend, retry_for).open()
+
+
+def without_password(url):
+    """A storage URL fit for a log line."""
+    url = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(password=)[^&]*", r"\1***", url)

@@ -27,8 +27,8 @@ greenlet at a time, in order:
   its inserts (an insert with a de-duplication key is skipped when another message of its queue
   holds that key, unexpired: its seq goes into ``batch.duplicates``), its updates (a message's
   ``deliveries`` and ``due``), its operations (``batch.ops``: DeadLetter, Move, Purge, Promote,
-  ForgetKeys, in order; each gets its ``result``), its deletes, and, when ``batch.next_seq``
-  is not None, the record that sequence numbers below it are taken (see
+  ForgetKeys, Import, in order; each gets its ``result``), its deletes, and, when
+  ``batch.next_seq`` is not None, the record that sequence numbers below it are taken (see
   Storage.new_message). Make it durable (commit and fsync) before returning; then answer
   ``batch.reads`` (Load, Count, Holding, Expired, Stored, Depths) against the new state, one
   result each, in
@@ -49,10 +49,10 @@ it was asked for).
 
 Messages can also appear in a queue's storage without the broker having put them there in
 memory: a de-duplicated SEND once its insert commits, a dead letter, a move, a delayed message
-falling due. After each batch Storage tells the broker, ``on_arrived({queue: key})``: in each
-queue, stored messages may now exist from that key on (None: anywhere); ``on_arrived(None)``
-means anything may have changed (a batch was retried through an outage and its effects may
-have been applied twice, the first time unseen).
+falling due, an import. After each batch Storage tells the broker, ``on_arrived({queue:
+key})``: in each queue, stored messages may now exist from that key on (None: anywhere);
+``on_arrived(None)`` means anything may have changed (a batch was retried through an outage
+and its effects may have been applied twice, the first time unseen).
 """
 
 import bisect
@@ -101,8 +101,8 @@ class StoredMessage:
         self.deliveries = deliveries
         self.dead_letter = dead_letter
         self.sender = None
-        # Roughly the bytes it holds in memory, once: a backend loading it may pass a figure
-        # cheaper to get there (the length of the stored headers).
+        # Roughly the bytes it holds in memory, once: a backend loading it (or an import) may
+        # pass a figure cheaper to get there (the length of the stored headers).
         if size is None:
             size = len(body or b"") + sum(len(k) + len(v) for k, v in headers) + 100
         self.size = size
@@ -304,6 +304,41 @@ class ForgetKeys:
         return backend.forget_keys(self)
 
 
+class Import:
+    """Store `messages` (fresh from new_message()), each but those whose `ids` entry (another
+    broker's id of it, one per message) was imported before, or comes twice; record the ids
+    of those stored, in the same commit: importing the same messages again, after a crash
+    part-way or not, stores none twice. Result: the seqs of those skipped. `batch`: the Batch
+    it rides in (Storage.import_messages)."""
+
+    __slots__ = ("messages", "ids", "batch", "result")
+
+    callback = None
+
+    def __init__(self, messages, ids):
+        self.messages = messages
+        self.ids = ids
+        self.batch = None
+        self.result = None
+
+    def apply(self, backend):
+        return backend.import_messages(self)
+
+    def split(self, imported):
+        """(messages to store, their ids, seqs skipped), given the set of ids `imported`
+        before."""
+        stored, ids, skipped = [], [], set()
+        seen = set(imported)
+        for message, source_id in zip(self.messages, self.ids):
+            if source_id in seen:
+                skipped.add(message.seq)
+            else:
+                seen.add(source_id)
+                stored.append(message)
+                ids.append(source_id)
+        return stored, ids, skipped
+
+
 class Release:
     """A cluster node lets go of messages it held (ClusterBackend): `seqs`."""
 
@@ -402,13 +437,14 @@ class Backend:
     # insert(messages, dedup) -> seqs skipped as duplicates (dedup: seq -> (key, sent, until):
     #     the key is taken unless another message took it and `until` of that one is after
     #     `sent`); update(messages) writes each one's deliveries and due; dead_letter(op),
-    #     move(op), purge(op), promote(op), forget_keys(op) -> op's result; delete(seqs) -> how
-    #     many there were (a seq may be gone already, or never have been written);
+    #     move(op), purge(op), promote(op), forget_keys(op), import_messages(op) -> op's
+    #     result; delete(seqs) -> how many there were (a seq may be gone already, or never
+    #     have been written);
     #     reserve(next_seq) -> None, or (first, end) of a block of seqs it chose instead (a
     #     cluster node: next_seq is then ignored); load(read), count(read),
     #     queues_holding(names), expired(read), count_stored(), depths(read).
-    # A cluster backend also: release(op), release_queue(op), heartbeat(op); and open() ->
-    # (first, end) of its first block of seqs.
+    # A cluster backend also: release(op), release_queue(op), heartbeat(op), subscribers(read);
+    # and open() -> (first, end) of its first block of seqs.
 
 
 class Batch:
@@ -582,17 +618,19 @@ class Storage:
             raise result
         return result
 
-    def new_message(self, queue, priority, ack_timeout, headers, body, due=0, expires=0):
+    def new_message(self, queue, priority, ack_timeout, headers, body, due=0, expires=0,
+                    size=None):
         """A message with the next sequence number; may wait for a durable reservation (a
         cluster node: a new block once its block is used up or a second old, so that seqs
-        follow arrival across nodes)."""
+        follow arrival across nodes). `size`: see StoredMessage."""
         while self._next_seq >= self._reserved or (
                 self._block_taken is not None
                 and time.monotonic() - self._block_taken > BLOCK_AGE):
             self._reserve()
         seq = self._next_seq
         self._next_seq += 1
-        return StoredMessage(seq, queue, priority, ack_timeout, headers, body, due, expires)
+        return StoredMessage(seq, queue, priority, ack_timeout, headers, body, due, expires,
+                             size=size)
 
     @property
     def next_seq(self):
@@ -776,6 +814,14 @@ class Storage:
     def move(self, source, target, limit, keep, below):
         """Move up to `limit` of source's messages (see Move) to target; how many."""
         return self._run(Move(source, target, limit, keep, below))
+
+    def import_messages(self, messages, ids):
+        """Store messages from another broker (see Import) in the next batch, without
+        waiting: returns the Import; wait on its `batch`, then read its `result`."""
+        op = Import(messages, ids)
+        op.batch = self._use()
+        op.batch.ops.append(op)
+        return op
 
     # -- timed work (the broker's clock asks for it) -------------------------------------------
 
@@ -985,6 +1031,9 @@ class Storage:
                 _arrive(arrivals, op.target, (-op.priority, op.seq))
             elif op.__class__ is Move and op.result:
                 _arrive(arrivals, op.target, None)
+            elif op.__class__ is Import:
+                for queue in {message.queue for message in op.messages}:
+                    _arrive(arrivals, queue, None)
             elif op.__class__ is Promote:
                 for queue, key in op.result[0].items():
                     _arrive(arrivals, queue, key)

@@ -21,6 +21,7 @@ class MemoryBackend(Backend):
         self.expiring = {}      # seq -> StoredMessage of those with an expiry
         self.keys = {}          # (queue, dedup key) -> (seq, end of its window)
         self.key_order = collections.deque()    # (end of window, queue, key), oldest first
+        self.imported = set()   # ids of the messages imported from another broker
 
     def open(self):
         # Nothing survives a restart, so ids only need to differ from the last run's:
@@ -145,6 +146,12 @@ class MemoryBackend(Backend):
                 del self.keys[(queue, key)]
                 forgotten += 1
         return forgotten
+
+    def import_messages(self, op):
+        stored, ids, skipped = op.split(self.imported.intersection(op.ids))
+        self.imported.update(ids)
+        self.insert(stored, {})
+        return skipped
 
     def delete(self, seqs):
         deleted = 0

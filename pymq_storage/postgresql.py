@@ -43,6 +43,9 @@ TABLES = [
         deliveries  INTEGER NOT NULL DEFAULT 0,
         dead_letter BOOLEAN NOT NULL DEFAULT FALSE)""",
     """CREATE TABLE IF NOT EXISTS pymq_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)""",
+    # Ids of the messages imported from another broker (ocamlmq.py): see Import. Made when
+    # missing, with no version bump: it only adds, and an older pymq may ignore it.
+    "CREATE TABLE IF NOT EXISTS pymq_imported (id TEXT PRIMARY KEY)",
     """INSERT INTO pymq_meta VALUES ('next_seq', 1), ('schema_version', %d)
         ON CONFLICT (key) DO NOTHING""" % SCHEMA_VERSION,
 ]
@@ -277,6 +280,15 @@ class PostgreSQLBackend(Backend):
             "DELETE FROM pymq_dedup WHERE (queue, key) IN (SELECT queue, key FROM pymq_dedup "
             "WHERE until <= %s LIMIT %s)", (op.now, op.limit))
         return self.cursor.rowcount
+
+    def import_messages(self, op):
+        cursor = self.cursor
+        cursor.execute("INSERT INTO pymq_imported SELECT DISTINCT unnest(%s::text[]) "
+                       "ON CONFLICT DO NOTHING RETURNING id", (op.ids,))
+        new = {row[0] for row in cursor.fetchall()}
+        stored, _, skipped = op.split(set(op.ids) - new)
+        self.insert(stored, {})
+        return skipped
 
     def delete(self, seqs):
         self.cursor.execute("DELETE FROM pymq_messages WHERE seq = ANY(%s)", (seqs,))

@@ -56,6 +56,9 @@ CREATE TABLE dedup (
 ) WITHOUT ROWID;
 CREATE INDEX dedup_until ON dedup (until);
 """
+# Ids of the messages imported from another broker (pymq_storage/ocamlmq.py): see Import. Made
+# when missing, with no version bump: it only adds, and an older pymq may ignore it.
+IMPORTED = "CREATE TABLE IF NOT EXISTS imported (id TEXT PRIMARY KEY) WITHOUT ROWID"
 COLUMNS = ("SELECT seq, queue, priority, ack_timeout, headers, body, due, expires, deliveries, "
            "dead_letter FROM messages ")
 # Rows are written by multi-row statements of these sizes (a batch of 100 inserts is three of
@@ -136,6 +139,7 @@ class SQLiteBackend(Backend):
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+        db.execute(IMPORTED)
         # Only now that the file is known to be ours: the journal mode is stored in it.
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
@@ -242,6 +246,15 @@ class SQLiteBackend(Backend):
         return self.db.execute(
             "DELETE FROM dedup WHERE (queue, key) IN (SELECT queue, key FROM dedup "
             "WHERE until <= ? LIMIT ?)", (op.now, op.limit)).rowcount
+
+    def import_messages(self, op):
+        # "WHERE true": SQLite's parser needs it before an upsert clause.
+        new = {row[0] for row in self.db.execute(
+            "INSERT INTO imported SELECT value FROM json_each(?) WHERE true "
+            "ON CONFLICT DO NOTHING RETURNING id", (json.dumps(op.ids),))}
+        stored, _, skipped = op.split(set(op.ids) - new)
+        self.insert(stored, {})
+        return skipped
 
     def delete(self, seqs):
         deleted = 0

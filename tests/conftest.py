@@ -307,7 +307,7 @@ class BrokerProcess:
     """`python pymq.py ARGS` in a subprocess, as ops run it; its port is read from its log.
     `command` runs another pymq instead (an installed `pymq` command), with `env` if given."""
 
-    def __init__(self, *args, cwd=None, port="0", command=None, env=None):
+    def __init__(self, *args, cwd=None, port="0", command=None, env=None, listening=True):
         import subprocess
         import tempfile
         self._tmp = None
@@ -321,7 +321,11 @@ class BrokerProcess:
         self.lines = queue.Queue()
         self.log = []
         threading.Thread(target=self._read_stderr, daemon=True).start()
-        match = self.wait_for_log(r"listening on (\S+):(\d+)")
+        if listening:
+            self.wait_until_listening()
+
+    def wait_until_listening(self, timeout=10):
+        match = self.wait_for_log(r"listening on (\S+):(\d+)", timeout)
         self.address = (match.group(1), int(match.group(2)))
 
     def _read_stderr(self):

@@ -48,7 +48,8 @@ def test_bad_options_exit_2_with_a_message(args, message):
 
 @pytest.mark.parametrize("args, message", [
     (["--prot", "61613"], "pymq: unknown option --prot; did you mean --port?"),
-    (["--port=61613", "--hearbeat", "0,0"], "unknown option --hearbeat; did you mean --heart-beat?"),
+    (["--port=61613", "--hearbeat", "0,0"],
+     "unknown option --hearbeat; did you mean --heart-beat?"),
     (["--po", "61613"], "unknown option --po; did you mean --port?"),     # no abbreviations
     (["--no-such-option"], "pymq: unknown option --no-such-option (see pymq --help)"),
     (["61613"], "unexpected argument '61613'"),

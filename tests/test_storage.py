@@ -569,6 +569,61 @@ def test_seqs_unique_across_reopen_when_the_last_insert_was_cancelled(durable_ur
 
 
 # ---------------------------------------------------------------------------------------------
+# Import: another broker's messages, each once (pymq_storage/ocamlmq.py drives it)
+# ---------------------------------------------------------------------------------------------
+
+def import_wait(storage, ids, deliveries=0):
+    """Import one message per id (body: the id); the seqs of those skipped."""
+    messages = [storage.new_message("q", 4, 1.5, [("origin-id", i)], i.encode())
+                for i in ids]
+    for message in messages:
+        message.deliveries = deliveries
+    op = storage.import_messages(messages, ids)
+    within(op.batch.wait)
+    return [m.seq for m in messages if m.seq in op.result]
+
+
+def test_import_stores_each_id_once(store):
+    assert import_wait(store, ["a", "b"], deliveries=1) == []
+    skipped = import_wait(store, ["b", "c", "c", "a", "d"])
+    assert len(skipped) == 3                        # b and a before, c twice in the batch
+    loaded = load(store)
+    assert [m.body for m in loaded] == [b"a", b"b", b"c", b"d"]
+    assert [m.deliveries for m in loaded] == [1, 1, 0, 0]
+    assert loaded[0].headers == [("origin-id", "a")] and loaded[0].ack_timeout == 1.5
+    # A consumed message's id stays taken: importing it again brings nothing back.
+    store.delete(loaded[0].seq)
+    assert len(import_wait(store, ["a"])) == 1
+    assert count(store) == 3
+
+
+def test_imported_ids_survive_a_reopen(durable_url, open_store):
+    storage = open_store(durable_url)
+    import_wait(storage, ["a", "b"])
+    within(storage.close)
+    storage = open_store(durable_url)
+    assert len(import_wait(storage, ["a", "b", "c"])) == 2
+    assert [m.body for m in load(storage)] == [b"a", b"b", b"c"]
+
+
+def test_sqlite_a_store_from_before_imports_gets_the_table(tmp_path, open_store):
+    """The ids' table is made when missing, with no version bump: stores made before it open
+    as they are, and an older pymq may open one that has it."""
+    path = str(tmp_path / "pymq.db")
+    within(open_store(path).close)
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE imported")
+    db.commit()
+    db.close()
+    storage = open_store(path)
+    assert import_wait(storage, ["a"]) == []
+    within(storage.close)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # Durability: crash, close, reopen
 # ---------------------------------------------------------------------------------------------
 
