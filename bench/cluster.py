@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""pymq as a cluster (--cluster): several nodes over one PostgreSQL, measured.
+
+    python bench/cluster.py latency  [--nodes 2] [--msgs 2000]
+    python bench/cluster.py failover [--rounds 5] [--lease-timeout 15]
+    python bench/cluster.py stompbench --nodes N -- STOMPBENCH ARGS...
+
+Each run starts a throwaway PostgreSQL server (tests/postgres.py, fsync on, as a production
+server would have it) or uses --db URL, and N nodes `python pymq.py --cluster --db URL
+--heart-beat 0,0`; stops everything it started at the end.
+
+- latency: a producer on node 0 sends one message at a time (with a receipt) to a queue whose
+  only consumer is on node 1, which ACKs it: the time from the SEND to the MESSAGE, through the
+  store and NOTIFY (the message is stored free, node 1 is told and claims it). p50/p99/max.
+- failover: a consumer on node 0 holds 10 messages without ACKing them, a consumer on node 1
+  waits; node 0 is killed with SIGKILL; the time until node 1's consumer has the first of the
+  10 (marked redelivered), and until it has all of them. Expect about --lease-timeout plus up
+  to one heartbeat interval (lease-timeout / 5).
+- stompbench: runs stompbench (../shared/tools/stompbench, built: see its README) once per
+  node at the same time, each with its own queues (its own --prefix) on its own node, with the
+  ARGS given; prints each summary line and the sums of msgs_per_s and broker CPU per message.
+  Messages there mostly take a node's local path (a consumer of the node is ready); what the
+  nodes share is the database, its commits and the claims.
+
+Prints `# ` lines for people and one `key=value` summary line.
+"""
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from broker_process import broker_stats, launch_broker, stop_broker  # noqa: E402
+from rawstomp import BenchError, frame, stomp_connect, wait_receipt  # noqa: E402
+
+STOMPBENCH = "/tmp/stompbench/release/stompbench"
+
+
+def start_nodes(url, count, lease_timeout):
+    nodes = []
+    try:
+        for i in range(count):
+            cmd = [sys.executable, os.path.join(ROOT, "pymq.py"), "--port", "0", "--cluster",
+                   "--node-name", "node%d" % i, "--db", url, "--heart-beat", "0,0",
+                   "--lease-timeout", str(lease_timeout)]
+            nodes.append(launch_broker(cmd))
+    except BaseException:
+        stop_nodes(nodes)
+        raise
+    return nodes
+
+
+def stop_nodes(nodes):
+    for proc, _ in nodes:
+        stop_broker(proc)
+
+
+def subscribe(port, queue, prefetch):
+    sock, reader = stomp_connect("127.0.0.1", port, 30)
+    sock.sendall(frame("SUBSCRIBE", [("destination", "/queue/" + queue), ("id", "1"),
+                                     ("ack", "client-individual"), ("prefetch", str(prefetch)),
+                                     ("receipt", "s")]))
+    wait_receipt(reader, "s")
+    return sock, reader
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def latency(url, options):
+    nodes = start_nodes(url, max(2, options.nodes), options.lease_timeout)
+    try:
+        producer, preader = stomp_connect("127.0.0.1", nodes[0][1], 30)
+        consumer, creader = subscribe(nodes[1][1], "latency", 1)
+        times = []
+        for i in range(options.msgs):
+            started = time.perf_counter()
+            producer.sendall(frame("SEND", [("destination", "/queue/latency"),
+                                            ("receipt", "r%d" % i)], b"x" * 100))
+            command, headers, _ = creader.next()
+            times.append(time.perf_counter() - started)
+            if command != "MESSAGE":
+                raise BenchError("expected a MESSAGE, got %s" % command)
+            consumer.sendall(frame("ACK", [("id", headers["ack"])]))
+            wait_receipt(preader, "r%d" % i)
+        ms = [t * 1000 for t in times]
+        print("# cross-node delivery (SEND on node 0 -> MESSAGE on node 1), %d messages: "
+              "p50 %.2f ms, p99 %.2f ms, max %.2f ms"
+              % (len(ms), percentile(ms, 0.5), percentile(ms, 0.99), max(ms)))
+        print("scenario=latency nodes=%d msgs=%d p50_ms=%.2f p99_ms=%.2f max_ms=%.2f status=ok"
+              % (len(nodes), len(ms), percentile(ms, 0.5), percentile(ms, 0.99), max(ms)))
+    finally:
+        stop_nodes(nodes)
+
+
+def failover(url, options):
+    firsts, alls = [], []
+    for round_ in range(options.rounds):
+        nodes = start_nodes(url, 2, options.lease_timeout)
+        try:
+            queue = "failover%d" % round_
+            doomed, dreader = subscribe(nodes[0][1], queue, 10)
+            producer, preader = stomp_connect("127.0.0.1", nodes[1][1], 30)
+            for i in range(10):
+                producer.sendall(frame("SEND", [("destination", "/queue/" + queue),
+                                                ("receipt", "r%d" % i)], b"%d" % i))
+                wait_receipt(preader, "r%d" % i)
+            for _ in range(10):
+                if dreader.next()[0] != "MESSAGE":
+                    raise BenchError("node 0's consumer did not get its 10 messages")
+            survivor, sreader = subscribe(nodes[1][1], queue, 100)
+            nodes[0][0].kill()
+            killed = time.perf_counter()
+            for n in range(10):
+                command, headers, _ = sreader.next()
+                if command != "MESSAGE" or headers.get("redelivered") != "true":
+                    raise BenchError("expected a redelivered MESSAGE, got %s %r"
+                                     % (command, headers))
+                if n == 0:
+                    firsts.append(time.perf_counter() - killed)
+            alls.append(time.perf_counter() - killed)
+            print("# round %d: first redelivery on node 1 %.2f s after kill -9, all 10 in %.2f s"
+                  % (round_, firsts[-1], alls[-1]))
+        finally:
+            stop_nodes(nodes)
+    print("scenario=failover lease_timeout=%g rounds=%d first_s_median=%.2f first_s_max=%.2f "
+          "all_s_max=%.2f status=ok" % (options.lease_timeout, len(firsts),
+                                        percentile(firsts, 0.5), max(firsts), max(alls)))
+
+
+def run_stompbench(url, options):
+    nodes = start_nodes(url, options.nodes, options.lease_timeout)
+    try:
+        cpu0 = [broker_stats(proc.pid)[1] for proc, _ in nodes]
+        runs = []
+        for i, (proc, port) in enumerate(nodes):
+            cmd = [STOMPBENCH] + options.args + ["--flavor", "pymq", "--port", str(port),
+                                                 "--prefix", "n%dp%d" % (i, os.getpid())]
+            runs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True))
+        outputs = [run.communicate()[0] for run in runs]
+        cpu1 = [broker_stats(proc.pid)[1] for proc, _ in nodes]
+    finally:
+        stop_nodes(nodes)
+    total, messages, ok = 0.0, 0, True
+    for i, output in enumerate(outputs):
+        summary = [line for line in output.splitlines() if "status=" in line
+                   and not line.startswith("#")]
+        line = summary[-1] if summary else output.strip().splitlines()[-1]
+        print("# node %d: %s" % (i, line))
+        fields = dict(re.findall(r"(\w+)=(\S+)", line))
+        ok = ok and fields.get("status") == "ok"
+        total += float(fields.get("msgs_per_s", 0))
+        messages += int(fields.get("delivered", fields.get("msgs", 0)) or 0)
+    cpu = sum(b - a for a, b in zip(cpu0, cpu1))
+    print("scenario=stompbench nodes=%d msgs_per_s_total=%.0f broker_cpu_s=%.2f "
+          "broker_cpu_us_per_msg=%.1f status=%s"
+          % (len(nodes), total, cpu, 1e6 * cpu / messages if messages else 0.0,
+             "ok" if ok else "FAILED"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", choices=("latency", "failover", "stompbench"))
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--msgs", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--lease-timeout", type=float, default=15.0)
+    parser.add_argument("--db", help="a PostgreSQL database URL (default: a throwaway server)")
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    options = parser.parse_args(argv[:split])
+    options.args = argv[split + 1:]         # stompbench's arguments
+    server = None
+    try:
+        url = options.db
+        if url is None:
+            import postgres
+            server = postgres.new_cluster(fsync=True)
+            url = server.create_database("bench")
+        {"latency": latency, "failover": failover,
+         "stompbench": run_stompbench}[options.scenario](url, options)
+    finally:
+        if server is not None:
+            server.destroy()
+
+
+if __name__ == "__main__":
+    main()
