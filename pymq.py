@@ -62,6 +62,7 @@ import urllib.parse
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.server
 import gevent.socket
 
@@ -92,6 +93,10 @@ OPTIONS = (
                              "signed by one (mutual TLS) (default: none)"),
     ("tls-cert-login", False, None, "with --tls-ca: a client certificate's subject CN is the "
                                     "client's login (no passcode needed)"),
+    ("ws-port", None, "PORT", "TCP port for STOMP over WebSocket, at path /ws (default: "
+                              "none)"),
+    ("wss-port", None, "PORT", "TCP port for STOMP over WebSocket over TLS (with the TLS "
+                               "options) (default: none)"),
     ("users", None, "FILE", "users, their password hashes and the destinations each may "
                             "read, write and administer; SIGHUP reloads it (default: none)"),
     ("login", None, "LOGIN", "login that CONNECT must carry: one user who may do everything "
@@ -170,7 +175,7 @@ OPTIONS = (
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "error": logging.ERROR}
 OCAMLMQ_DB_FLAGS = ("dbhost", "dbport", "dbdatabase", "dbsockdir", "dbuser", "dbpassword")
-PORT_OPTIONS = ("port", "tls-port", "http-port")   # TCP ports; 0: any free one; none: off
+PORT_OPTIONS = ("port", "tls-port", "ws-port", "wss-port", "http-port")   # TCP ports; 0: any free one; none: off
 DEFAULTS = {name: default for name, default, _, _ in OPTIONS}
 
 RECV_SIZE = 64 * 1024
@@ -202,12 +207,17 @@ class Options:
                              % (self.default_ack, ", ".join(ACK_MODES)))
         if self.max_prefetch < 1:
             raise ValueError("option max-prefetch: must be at least 1")
-        if self.port is None and self.tls_port is None:
-            raise ValueError("option port: none, and no --tls-port: nothing to listen on")
-        if self.tls_port is not None and not (self.tls_cert and self.tls_key):
-            raise ValueError("option tls-port needs --tls-cert and --tls-key")
-        if (self.tls_ca or self.tls_cert_login) and self.tls_port is None:
-            raise ValueError("options tls-ca and tls-cert-login need --tls-port")
+        if all(port is None for port in (self.port, self.tls_port, self.ws_port,
+                                          self.wss_port)):
+            raise ValueError("option port: none, and no --tls-port, --ws-port or --wss-port: "
+                             "nothing to listen on")
+        for name in ("tls_port", "wss_port"):
+            if getattr(self, name) is not None and not (self.tls_cert and self.tls_key):
+                raise ValueError("option %s needs --tls-cert and --tls-key"
+                                 % name.replace("_", "-"))
+        if (self.tls_ca or self.tls_cert_login) and self.tls_port is None \
+                and self.wss_port is None:
+            raise ValueError("options tls-ca and tls-cert-login need --tls-port or --wss-port")
         if self.tls_cert_login and not self.tls_ca:
             raise ValueError("option tls-cert-login needs --tls-ca (client certificates)")
         if self.cluster and not self.db.startswith(("postgresql://", "postgres://")):
@@ -2445,12 +2455,16 @@ def _credential_ok(expected, given):
 # ---------------------------------------------------------------------------------------------
 
 class Connection:
-    def __init__(self, broker, sock, peer, accepted_at=None, tls=False, cert_login=None):
+    def __init__(self, broker, sock, peer, accepted_at=None, transport="tcp", cert_login=None):
         opts = broker.options
         self.broker = broker
         self.sock = sock
         self.peer = "%s:%s" % peer[:2] if isinstance(peer, tuple) else str(peer)
-        self.tls = tls                 # sock is a gevent SSLSocket: see _read_loop and _flush
+        self.transport = transport     # tcp, tls, ws or wss
+        # sock is a plain gevent socket (tcp): written without a greenlet when it can take
+        # it, read after a wait for readability. A TLS socket or a WebSocketStream keeps
+        # bytes of its own, and may stop mid-record: see _read_loop and _flush.
+        self.plain = transport == "tcp"
         self.cert_login = cert_login   # the verified client certificate's subject CN
         self.user = None               # once CONNECTed: its User, None if it may do anything
         self.parser = FrameParser(opts.max_headers, opts.max_header_line, opts.max_body)
@@ -2585,9 +2599,7 @@ class Connection:
             error["receipt-id"] = receipt
         self.close(error)
         try:
-            # Wakes the reader. The plain socket's shutdown(), not SSLSocket's: that one drops
-            # the TLS layer, and the ERROR would go out in clear.
-            gevent.socket.socket.shutdown(self.sock, socket.SHUT_RD)
+            shutdown_read(self.sock)        # wakes the reader
         except OSError:
             pass
 
@@ -2642,7 +2654,7 @@ class Connection:
                 continue            # _read_timeout() raises for the deadline that passed
             if not size:
                 return
-            drained = size < len(buffer) and not self.tls
+            drained = size < len(buffer) and self.plain
             self.last_read = time.monotonic()
             parser.feed(buffer[:size])
             finished = False
@@ -2695,7 +2707,7 @@ class Connection:
             data = b"".join(self._out)
             self._out.clear()
             self._out_bytes = 0
-            if self.tls:
+            if not self.plain:
                 sent = 0        # an SSL write may stop mid-record: the writer does it all
             else:
                 try:
@@ -2778,6 +2790,191 @@ class Connection:
             pass
         finally:
             sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Transports. A Connection reads and writes a gevent socket: plain TCP, TLS (an SSLSocket,
+# made by Server._tls_handshake), or a WebSocketStream, which turns WebSocket messages into the
+# same byte stream (wsproto, sans-IO, over the plain or TLS socket). Authentication, limits and
+# the frame loop are the same for all of them.
+# ---------------------------------------------------------------------------------------------
+
+WS_PATH = "/ws"
+WS_SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")     # preference order
+
+
+def shutdown_read(sock):
+    """Wake the greenlet reading `sock`. For a TLS socket, the plain socket's shutdown(), not
+    SSLSocket's: that one drops the TLS layer, and what is still written would go out in
+    clear."""
+    if isinstance(sock, WebSocketStream):
+        sock = sock.raw
+    gevent.socket.socket.shutdown(sock, socket.SHUT_RD)
+
+
+def websocket_handshake(sock, peer, options, accepted_at):
+    """Read the HTTP upgrade request (within connect-timeout from `accepted_at`) and accept it:
+    a WebSocketStream, or None after an HTTP 400 and closing the socket."""
+    import wsproto
+    import wsproto.events as ws_events
+    from wsproto.utilities import RemoteProtocolError
+    ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+    peer_text = "%s:%s" % peer[:2]
+    reason = None
+    try:
+        request = None
+        while request is None:
+            remaining = accepted_at + options.connect_timeout - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("no WebSocket upgrade within %g seconds"
+                                     % options.connect_timeout)
+            sock.settimeout(remaining)
+            data = sock.recv(RECV_SIZE)
+            if not data:
+                raise ConnectionResetError("closed during the WebSocket upgrade")
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, ws_events.Request):
+                    request = event
+        path = request.target.split("?", 1)[0]
+        if path != WS_PATH:
+            reason = "no WebSocket at %s: STOMP is at %s" % (path[:100], WS_PATH)
+        else:
+            offered = [p.strip().lower() for p in request.subprotocols]
+            chosen = next((p for p in WS_SUBPROTOCOLS if p in offered), None)
+            if offered and chosen is None:
+                reason = "no STOMP subprotocol among %s (offer one of %s)" % (
+                    ", ".join(offered)[:200], ", ".join(WS_SUBPROTOCOLS))
+            else:
+                sock.sendall(ws.send(ws_events.AcceptConnection(subprotocol=chosen)))
+                return WebSocketStream(sock, ws, _largest_frame(options))
+    except RemoteProtocolError as error:
+        reason = "not a WebSocket upgrade: %s" % error
+    except OSError as error:       # a timeout, a reset, a TLS error
+        log.info("%s: WebSocket upgrade failed: %s", peer_text, error)
+        sock.close()
+        return None
+    log.info("%s: WebSocket upgrade refused: %s", peer_text, reason)
+    body = (reason + "\n").encode()
+    try:
+        sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    except OSError:
+        pass
+    sock.close()
+    return None
+
+
+def _largest_frame(options):
+    """The largest STOMP frame the limits let through: a WebSocket message may not be larger
+    (it may hold several smaller frames, or part of one)."""
+    return options.max_body + options.max_headers * options.max_header_line + 1024
+
+
+class WebSocketStream:
+    """STOMP over an accepted WebSocket, with the socket methods a Connection uses:
+    recv_into() gives the bytes of the messages received, text or binary, as one stream (a
+    message may hold one frame, several or part of one); sendall() sends bytes as one message,
+    text if they are UTF-8, else binary. Pings are answered; a close, or a malformed or
+    oversized WebSocket frame (close codes 1002, 1007, 1009), ends the stream. Oversized: its
+    header announces more than the largest STOMP frame the limits let through (wsproto hands
+    a frame's payload on as it comes; the announced length is its decoder's)."""
+
+    def __init__(self, raw, ws, max_message):
+        import wsproto.events as ws_events
+        self.raw = raw                  # the gevent socket, plain or TLS
+        self.ws = ws
+        self.max_message = max_message
+        self._events = ws_events
+        self._in = bytearray()          # received, not yet read
+        self._eof = False
+        self._lock = gevent.lock.Semaphore()    # the reader's pongs and the writer's messages
+
+    def settimeout(self, timeout):
+        self.raw.settimeout(timeout)
+
+    def recv_into(self, buffer):
+        while not self._in:
+            if self._eof:
+                return 0
+            data = self.raw.recv(RECV_SIZE)
+            if not data:
+                self._eof = True
+                return 0
+            self.ws.receive_data(data)
+            self._receive()
+            if self._announced() > self.max_message:
+                self._close(1009, "frame larger than %d bytes" % self.max_message)
+        size = min(len(buffer), len(self._in))
+        buffer[:size] = self._in[:size]
+        del self._in[:size]
+        return size
+
+    def recv(self, size):
+        buffer = bytearray(size)
+        return bytes(buffer[:self.recv_into(buffer)])
+
+    def _receive(self):
+        events = self._events
+        for event in self.ws.events():
+            if isinstance(event, (events.TextMessage, events.BytesMessage)):
+                data = event.data
+                self._in += data.encode() if isinstance(data, str) else data
+            elif isinstance(event, events.Ping):
+                self._send(event.response())
+            elif isinstance(event, events.CloseConnection):
+                if self.ws.state is self._closing_state():
+                    self._send(event.response())       # the peer closed: answer, and done
+                    self._eof = True
+                else:
+                    self._close(event.code, event.reason)  # wsproto found a malformed frame
+                return
+
+    def _announced(self):
+        """The payload length in the header of the WebSocket frame being received (0 if
+        none, or if this wsproto keeps it elsewhere)."""
+        decoder = getattr(getattr(self.ws.connection, "_proto", None), "_frame_decoder", None)
+        header = getattr(decoder, "header", None)
+        return getattr(header, "payload_len", 0) or 0
+
+    def _closing_state(self):
+        import wsproto.connection
+        return wsproto.connection.ConnectionState.REMOTE_CLOSING
+
+    def _close(self, code, reason):
+        self._eof = True
+        try:
+            self._send(self._events.CloseConnection(code=code, reason=reason[:120]))
+        except OSError:
+            pass
+
+    def _send(self, event):
+        from wsproto.utilities import LocalProtocolError
+        with self._lock:
+            try:
+                data = self.ws.send(event)
+            except LocalProtocolError as error:        # closed already
+                raise BrokenPipeError(str(error))
+            self.raw.sendall(data)
+
+    def sendall(self, data):
+        data = bytes(data)
+        try:
+            self._send(self._events.TextMessage(data=data.decode()))
+        except UnicodeDecodeError:
+            self._send(self._events.BytesMessage(data=data))
+
+    def shutdown(self, how):
+        """SHUT_WR: a normal close (1000) first, as a WebSocket peer expects."""
+        if how != socket.SHUT_RD and not self._eof:
+            self._close(1000, "")
+        gevent.socket.socket.shutdown(self.raw, how)
+
+    def close(self):
+        if not self._eof:           # a normal close, briefly, unless one was sent or received
+            self.raw.settimeout(LINGER_TIMEOUT)
+            self._close(1000, "")
+        self.raw.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3001,8 +3198,8 @@ class HTTPListener:
 # ---------------------------------------------------------------------------------------------
 
 class Server:
-    """A broker listening on a TCP address, and on a TLS one if configured. Use from a gevent
-    program:
+    """A broker listening on its transports (TCP, TLS, WebSocket, WebSocket over TLS: each on
+    a port of its own, if configured). Use from a gevent program:
 
         server = Server(Options(port=0)).start()     # or pymq.start(port=0)
         host, port = server.address
@@ -3014,8 +3211,9 @@ class Server:
         self.broker = Broker(self.options)
         self.storage = None
         self.connections = set()       # every open connection, CONNECTed or not
-        self._handshakes = 0           # TLS handshakes under way: connections too
-        self._tcp = self._tls = None   # the StreamServers
+        self._handshakes = 0           # TLS or WebSocket handshakes under way: connections too
+        self._servers = {}             # transport (tcp, tls, ws, wss) -> its StreamServer
+        self._tls_context = None
         self._started = False
         self.http = None               # the HTTPListener of --http-port
         self.stopping = False
@@ -3023,15 +3221,20 @@ class Server:
 
     @property
     def address(self):
-        """(host, port) of the plain listener, or of the TLS one when there is no plain one."""
-        return (self._tcp or self._tls).address[:2]
+        """(host, port) of the plain listener, or of the first other one when there is none."""
+        return self.address_of("tcp") or next(iter(self._servers.values())).address[:2]
+
+    def address_of(self, transport):
+        """(host, port) of the listener of `transport` (tcp, tls, ws, wss), or None."""
+        server = self._servers.get(transport)
+        return None if server is None else server.address[:2]
 
     @property
     def tls_address(self):
-        return self._tls.address[:2] if self._tls else None
+        return self.address_of("tls")
 
     def _listeners(self):
-        return [server for server in (self._tcp, self._tls) if server is not None]
+        return list(self._servers.values())
 
     @property
     def http_address(self):
@@ -3039,20 +3242,20 @@ class Server:
 
     def start(self):
         opts = self.options
-        tls_context = make_tls_context(opts) if opts.tls_port is not None else None
+        if opts.tls_port is not None or opts.wss_port is not None:
+            self._tls_context = make_tls_context(opts)
         self.storage = self.broker.storage = self._open_storage()
         self.storage.on_fenced = self._fenced
         self.broker.start()
+        listeners = (("tcp", opts.port, self._handle), ("tls", opts.tls_port, self._handle_tls),
+                     ("ws", opts.ws_port, self._handle_ws), ("wss", opts.wss_port,
+                                                             self._handle_wss))
         try:
-            if opts.port is not None:
-                self._tcp = gevent.server.StreamServer((opts.host, opts.port), self._handle,
-                                                       backlog=1024)
-                self._tcp.start()
-            if tls_context is not None:
-                self._tls_context = tls_context
-                self._tls = gevent.server.StreamServer((opts.host, opts.tls_port),
-                                                       self._handle_tls, backlog=1024)
-                self._tls.start()
+            for transport, port, handle in listeners:
+                if port is not None:
+                    server = gevent.server.StreamServer((opts.host, port), handle, backlog=1024)
+                    server.start()
+                    self._servers[transport] = server
             if opts.http_port is not None:
                 self.http = HTTPListener(self).start()
         except BaseException:
@@ -3061,11 +3264,13 @@ class Server:
             self.storage.close()
             raise
         self._started = True
-        if self._tcp:
-            log.info("pymq %s listening on %s:%d", __version__, *self._tcp.address[:2])
-        if self._tls:
-            log.info("pymq %s listening for TLS on %s:%d%s", __version__, *self._tls.address[:2],
-                     " (client certificates required)" if opts.tls_ca else "")
+        for transport, what in (("tcp", ""), ("tls", "for TLS "), ("ws", "for WebSocket "),
+                                ("wss", "for WebSocket over TLS ")):
+            address = self.address_of(transport)
+            if address is not None:
+                log.info("pymq %s listening %son %s:%d%s", __version__, what, *address,
+                         " (client certificates required)"
+                         if opts.tls_ca and transport in ("tls", "wss") else "")
         if self.http is not None:
             log.info("metrics and health on http://%s:%d/", *self.http_address)
         return self
@@ -3117,21 +3322,35 @@ class Server:
         self._serve(Connection(self.broker, sock, peer))
 
     def _handle_tls(self, sock, peer):
-        # Refused before the handshake, so a flood costs no crypto: the client sees the
-        # connection closed (an ERROR in clear would be garbage to it).
+        self._handshake(sock, peer, tls=True, websocket=False)
+
+    def _handle_ws(self, sock, peer):
+        self._handshake(sock, peer, tls=False, websocket=True)
+
+    def _handle_wss(self, sock, peer):
+        self._handshake(sock, peer, tls=True, websocket=True)
+
+    def _handshake(self, sock, peer, tls, websocket):
+        """A connection that starts with handshakes (TLS, then the WebSocket upgrade), all
+        within connect-timeout. Refused before them, so that a flood costs no crypto: the
+        client sees the connection closed (an ERROR in clear would be garbage to it)."""
         if not self._accept(sock, peer):
             return
         accepted_at = time.monotonic()
         self._handshakes += 1
+        cert_login = None
         try:
-            tls = self._tls_handshake(sock, peer)
+            if tls:
+                sock = self._tls_handshake(sock, peer)
+                if sock is not None and self.options.tls_cert_login:
+                    cert_login = certificate_cn(sock.getpeercert())
+            if sock is not None and websocket:
+                sock = websocket_handshake(sock, peer, self.options, accepted_at)
         finally:
             self._handshakes -= 1
-        if tls is not None:
-            cert_login = None
-            if self.options.tls_cert_login:
-                cert_login = certificate_cn(tls.getpeercert())
-            self._serve(Connection(self.broker, tls, peer, accepted_at, True, cert_login))
+        if sock is not None:
+            transport = ("wss" if tls else "ws") if websocket else "tls"
+            self._serve(Connection(self.broker, sock, peer, accepted_at, transport, cert_login))
 
     def _tls_handshake(self, sock, peer):
         """The TLS socket once the handshake is done (within connect-timeout), or None."""
