@@ -3633,6 +3633,7 @@ CONSOLE_HTML = """<!DOCTYPE html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>pymq console</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="/console.css">
 <script src="/console.js" defer></script>
 </head>
@@ -3674,6 +3675,8 @@ canvas { background: #fff; border: 1px solid #d5dae0; width: 100%; height: 240px
 .legend span { margin-right: 1.2em; }
 .legend i { display: inline-block; width: 1em; height: .3em; vertical-align: middle;
             margin-right: .3em; }
+.swatch-in { background: #2f6fdf; } .swatch-delivered { background: #1a9a5b; }
+.swatch-acked { background: #d9822b; }
 pre { white-space: pre-wrap; word-break: break-all; margin: 0; max-height: 12em;
       overflow: auto; }
 form.inline { display: flex; gap: .6em; align-items: end; flex-wrap: wrap; margin: .6em 0; }
@@ -3732,7 +3735,7 @@ function table(caption, columns, rows) {
     el('tbody', {}, rows));
 }
 
-function show(...nodes) { main.replaceChildren(...nodes); }
+function show(...nodes) { main.replaceChildren(...nodes.filter(node => node !== null)); }
 
 function failed(error) {
   if (error.message !== 'log in') show(el('p', {class: 'error', role: 'alert'}, 'Error: ' + error.message));
@@ -3766,6 +3769,7 @@ function showWho() {
 
 // -- overview --------------------------------------------------------------------------------
 
+// The colours are the legend's too (.swatch-KEY in console.css).
 const SERIES = [['in', 'messages in', '#2f6fdf'], ['delivered', 'delivered', '#1a9a5b'],
                 ['acked', 'acked', '#d9822b']];
 
@@ -3783,7 +3787,9 @@ function drawChart(canvas, rates) {
     g.beginPath(); g.moveTo(left, y); g.lineTo(left + plotW, y); g.stroke();
     g.fillText(Math.round(peak * i / 4).toLocaleString('en'), 4, y + 4);
   }
-  g.fillText('last ' + Math.round(rates.length / 60 * 10) / 10 + ' min, per second', left, height - 4);
+  const seconds = rates.length;
+  g.fillText('per second, over the last ' + (seconds < 120 ? seconds + ' s' : Math.round(seconds / 60) + ' min'),
+             left, height - 4);
   const span = Math.max(rates.length - 1, 1);
   for (const [key, , color] of SERIES) {
     g.strokeStyle = color; g.lineWidth = 2; g.beginPath();
@@ -3819,7 +3825,7 @@ async function overview() {
              ['acked / s', number(last.acked), 'rate-acked']]),
     o.store_outage_since ? el('p', {class: 'error', role: 'alert'}, 'The database is unavailable: writes are being retried.') : null,
     el('h2', {}, 'Messages per second'),
-    el('p', {class: 'legend'}, SERIES.map(([, name, color]) => el('span', {}, el('i', {style: 'background:' + color}), name))),
+    el('p', {class: 'legend'}, SERIES.map(([key, name]) => el('span', {}, el('i', {class: 'swatch-' + key}), name))),
     canvas);
   drawChart(canvas, o.rates);
 }
