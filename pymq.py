@@ -34,12 +34,12 @@ requeue:false and delay; on MESSAGE redelivered and redelivery-count. A dead let
 Errors follow STOMP 1.2: an ERROR frame with a ``message`` header (and ``receipt-id`` when the
 offending frame asked for a receipt), then the connection is closed.
 
-With ``--http-port``, an HTTP listener on the same hub serves Prometheus metrics (``/metrics``)
-and a health check (``/healthz``).
+With ``--http-port``, an HTTP listener on the same hub serves Prometheus metrics (``/metrics``),
+a health check (``/healthz``), and a web console (``/``) with its JSON API (``/api/``).
 
 The file reads top-down in data-flow order: options and limits, frame codec, topics, queues,
 the clock, the message's life after a delivery, control destinations, broker, connection,
-HTTP (metrics and health), server, command line.
+HTTP (metrics and health; the web console and its API), server, command line.
 """
 
 import collections
@@ -49,6 +49,7 @@ import fnmatch
 import heapq
 import hmac
 import itertools
+import json
 import logging
 import math
 import os
@@ -137,8 +138,9 @@ OPTIONS = (
     ("drop-expired", False, None, "delete expired messages instead of dead-lettering them"),
     ("dedup-window", 600.0, "SECS", "how long after a SEND with a dedup-id header another SEND "
                                     "with it to the same queue stores nothing"),
-    ("http-port", None, "PORT", "serve Prometheus /metrics and /healthz over HTTP on this "
-                               "port of --host (0: any free port; default: none)"),
+    ("http-port", None, "PORT", "serve the web console (/), its JSON API (/api/), "
+                               "Prometheus /metrics and /healthz over HTTP on this port of "
+                               "--host (0: any free port; default: none)"),
     ("metrics-queues", None, "GLOB", "/metrics gives the depth of each queue whose name (no "
                                      "/queue/) matches GLOB, say jobs.* (at most 1000; "
                                      "default: none)"),
@@ -1522,6 +1524,7 @@ NACKED, REJECTED, TIMED_OUT, LOST = "nacked", "rejected", "timed out", "lost"
 # Why a message is dead-lettered (its dead-letter-reason header).
 MAX_REDELIVERIES, EXPIRED = "max-redeliveries", "expired"
 DEAD_LETTER_HEADERS = ("original-destination", "dead-letter-reason", "original-redelivery-count")
+DEAD_LETTER_PREFIX = "DLQ."     # queue Q's dead letters go to DLQ.Q, unless the SEND says
 # SEND headers, with the peers' spellings (RabbitMQ's delayed-message plugin, ActiveMQ's
 # scheduler, RabbitMQ's per-message TTL).
 DELAY_HEADERS = ("delay", "x-delay", "AMQ_SCHEDULED_DELAY")
@@ -1699,7 +1702,8 @@ class Redelivery:
                 self.storage.delete(message.seq)
                 return
         target = _header(message, "dead-letter-queue")
-        target = "DLQ." + message.queue if target is None else parse_destination(target)[1]
+        target = (DEAD_LETTER_PREFIX + message.queue if target is None
+                  else parse_destination(target)[1])
         headers = [pair for pair in message.headers if pair[0] not in DEAD_LETTER_HEADERS]
         headers += [("original-destination", "/queue/" + message.queue),
                     ("dead-letter-reason", reason),
@@ -3107,8 +3111,8 @@ class Metrics:
 
 
 class HTTPListener:
-    """The WSGI server of --http-port: GET /metrics and GET /healthz; 404 elsewhere, 405 for
-    other methods. Its log lines go to the pymq.http logger: requests at DEBUG, bad ones at
+    """The WSGI server of --http-port: GET /metrics and GET /healthz (405 for other methods);
+    the console and its API everywhere else (see Console). Its log lines go to the pymq.http logger: requests at DEBUG, bad ones at
     INFO (a scanner must not flood the log with warnings)."""
 
     def __init__(self, server):
@@ -3127,6 +3131,7 @@ class HTTPListener:
             error_log=gevent.pywsgi.LoggingLogAdapter(http_log, logging.INFO))
         self._wsgi.set_handle(self._handle)
         self._routes = {"/metrics": self.metrics, "/healthz": self.healthz}
+        self.console = Console(server)
 
     @property
     def address(self):
@@ -3134,9 +3139,11 @@ class HTTPListener:
 
     def start(self):
         self._wsgi.start()
+        self.console.start()
         return self
 
     def stop(self):
+        self.console.stop()
         # At once: a scraper's idle keep-alive connection must not hold up the shutdown.
         self._wsgi.stop(timeout=0)
 
@@ -3147,10 +3154,10 @@ class HTTPListener:
     def app(self, environ, start_response):
         method = environ["REQUEST_METHOD"]
         route = self._routes.get(environ.get("PATH_INFO"))
-        headers = [("Content-Type", "text/plain; charset=utf-8")]
         if route is None:
-            status, body = "404 Not Found", b"not found: see /metrics and /healthz\n"
-        elif method not in ("GET", "HEAD"):
+            return self.console.app(environ, start_response)
+        headers = [("Content-Type", "text/plain; charset=utf-8")]
+        if method not in ("GET", "HEAD"):
             status, body = "405 Method Not Allowed", b"method not allowed\n"
             headers.append(("Allow", "GET, HEAD"))
         else:
@@ -3191,6 +3198,759 @@ class HTTPListener:
             return "database unavailable since %s (%d s)" % (
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)), time.time() - since)
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: the web console and its JSON API, on the --http-port of /metrics. Plain pages (HTML,
+# CSS and JavaScript from the strings at the end of this section: no build step, nothing from
+# a CDN) that read everything from /api/, which scripts may use too. With a users file (or
+# --login), one logs in with a STOMP login and passcode: a session cookie (HttpOnly,
+# SameSite=Strict) and a CSRF token that every POST must echo in X-CSRF-Token. Anyone logged in
+# may look; purge and move need the admin right on the queue, peeking at messages the read
+# right. Without users, the console is open, as STOMP is.
+# ---------------------------------------------------------------------------------------------
+
+CONSOLE_COOKIE = "pymq_console"
+CONSOLE_SESSION_TIME = 8 * 3600     # seconds a console login lasts
+MAX_CONSOLE_SESSIONS = 10000        # the oldest is forgotten beyond this (a login flood)
+MAX_API_BODY = 64 * 1024            # bytes of a POST's JSON body
+QUEUE_PAGE = 50                     # queues on one page of the listing, by default
+MAX_QUEUE_PAGE = 500
+MAX_PEEK = 50                       # messages a peek shows at most
+PEEK_BODY = 2000                    # characters of a peeked body shown
+MAX_CONNECTIONS_PAGE = 1000
+RATE_HISTORY = 300                  # seconds of per-second rates kept for the overview chart
+CONSOLE_PAGES = ("/", "/queues", "/queue", "/connections")
+# Defence in depth for the pages: scripts and styles from this origin only, no framing.
+CONSOLE_HEADERS = [
+    ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; "
+                                "frame-ancestors 'none'; form-action 'self'"),
+    ("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "same-origin"), ("Cache-Control", "no-store"),
+]
+
+
+class ConsoleError(Exception):
+    """An API request refused: its HTTP status and the reason, sent as {"error": ...}."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class ConsoleSession:
+    """Who a console cookie is: a user of the users file (looked up again at each request, so
+    that a SIGHUP that removes or changes a user applies at once), or the --login user, who
+    may do everything."""
+    __slots__ = ("login", "everything", "csrf", "expires")
+
+    def __init__(self, login, everything):
+        import secrets
+        self.login = login
+        self.everything = everything
+        self.csrf = secrets.token_urlsafe(32)
+        self.expires = time.monotonic() + CONSOLE_SESSION_TIME
+
+
+class Console:
+    def __init__(self, server):
+        self.server = server
+        self.sessions = collections.OrderedDict()     # cookie value -> ConsoleSession
+        self.open = ConsoleSession(None, everything=True)   # when no login is needed
+        self.started = time.time()
+        # (monotonic time, messages in, delivered, acked, commits, seconds committing), one a
+        # second: the chart's rates and the recent commit latency are differences of two.
+        self.samples = collections.deque(maxlen=RATE_HISTORY + 1)
+        self._sampler = None
+        self._routes = {
+            ("GET", "/api/session"): self.api_session, ("POST", "/api/login"): self.api_login,
+            ("POST", "/api/logout"): self.api_logout, ("GET", "/api/overview"): self.api_overview,
+            ("GET", "/api/queues"): self.api_queues, ("GET", "/api/queue"): self.api_queue,
+            ("POST", "/api/queue/purge"): self.api_purge,
+            ("POST", "/api/queue/move"): self.api_move,
+            ("GET", "/api/connections"): self.api_connections,
+        }
+        self._assets = {"/console.js": ("application/javascript", CONSOLE_JS),
+                        "/console.css": ("text/css", CONSOLE_CSS)}
+
+    def start(self):
+        self._sample()
+        self._sampler = gevent.spawn(self._sample_loop)
+
+    def stop(self):
+        if self._sampler is not None:
+            self._sampler.kill()
+
+    def _sample_loop(self):
+        while True:
+            gevent.sleep(1.0)
+            self._sample()
+
+    def _sample(self):
+        stats, commits = self.server.broker.stats, self.server.storage.commit_seconds
+        self.samples.append((time.monotonic(), stats["messages_in"], stats["messages_out"],
+                             stats["acked"], sum(commits.counts), commits.sum))
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def app(self, environ, start_response):
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        headers = list(CONSOLE_HEADERS)
+        if path.startswith("/api/"):
+            try:
+                status, answer = self._api(method, path, environ, headers)
+            except ConsoleError as error:
+                status, answer = error.status, {"error": str(error)}
+            except Exception:
+                log.exception("HTTP %s: internal error", path)
+                status, answer = "500 Internal Server Error", {"error": "internal error"}
+            headers.append(("Content-Type", "application/json"))
+            body = json.dumps(answer).encode()
+        else:
+            status, body = self._asset(method, path, headers)
+        headers.append(("Content-Length", str(len(body))))
+        start_response(status, headers)
+        return [] if method == "HEAD" else [body]
+
+    def _asset(self, method, path, headers):
+        if path in CONSOLE_PAGES:
+            content_type, body = "text/html; charset=utf-8", CONSOLE_HTML
+        elif path in self._assets:
+            content_type, body = self._assets[path]
+            content_type += "; charset=utf-8"
+        else:
+            headers.append(("Content-Type", "text/plain; charset=utf-8"))
+            return "404 Not Found", b"not found: see / (the console), /metrics and /healthz\n"
+        if method not in ("GET", "HEAD"):
+            headers.append(("Allow", "GET, HEAD"))
+            headers.append(("Content-Type", "text/plain; charset=utf-8"))
+            return "405 Method Not Allowed", b"method not allowed\n"
+        headers.append(("Content-Type", content_type))
+        return "200 OK", body.encode()
+
+    def _api(self, method, path, environ, headers):
+        route = self._routes.get((method if method != "HEAD" else "GET", path))
+        if route is None:
+            if any(p == path for _, p in self._routes):
+                raise ConsoleError("405 Method Not Allowed", "method not allowed")
+            raise ConsoleError("404 Not Found", "no such API: %s" % path[:100])
+        session = self._session(environ)
+        if method == "POST":
+            self._check_post(environ, session, path)
+            request = self._json_body(environ)
+        else:
+            request = dict(urllib.parse.parse_qsl(environ.get("QUERY_STRING", "")))
+        if route not in (self.api_session, self.api_login) and session is None:
+            raise ConsoleError("401 Unauthorized", "log in first")
+        return route(session, request, headers)
+
+    def login_required(self):
+        opts = self.server.options
+        return (self.server.broker.auth.users is not None or opts.login is not None
+                or opts.passcode is not None)
+
+    def _session(self, environ):
+        """The request's ConsoleSession; OPEN when no login is needed; None if it must log
+        in."""
+        if not self.login_required():
+            return self.open
+        cookies = {}
+        for part in environ.get("HTTP_COOKIE", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            cookies[name] = value
+        session = self.sessions.get(cookies.get(CONSOLE_COOKIE, ""))
+        if session is None:
+            return None
+        if session.expires < time.monotonic() or not (
+                session.everything or self._user(session) is not None):
+            self.sessions.pop(cookies[CONSOLE_COOKIE], None)
+            return None
+        return session
+
+    def _user(self, session):
+        """The session's User (None: may do everything), as the users file says now."""
+        users = self.server.broker.auth.users
+        return None if session.everything else (users or {}).get(session.login)
+
+    def _check_post(self, environ, session, path):
+        """A POST must be JSON (a form of another site cannot send that without asking), from
+        a page of ours if the browser says where it is from, and carry the session's CSRF
+        token (but a login, which has no session yet)."""
+        if environ.get("CONTENT_TYPE", "").split(";")[0].strip() != "application/json":
+            raise ConsoleError("415 Unsupported Media Type", "send application/json")
+        origin = environ.get("HTTP_ORIGIN")
+        if origin is not None and urllib.parse.urlsplit(origin).netloc != environ.get(
+                "HTTP_HOST"):
+            raise ConsoleError("403 Forbidden", "cross-origin request refused")
+        if path == "/api/login":
+            return
+        token = environ.get("HTTP_X_CSRF_TOKEN", "")
+        if session is None or not hmac.compare_digest(token.encode(), session.csrf.encode()):
+            raise ConsoleError("403 Forbidden", "missing or wrong CSRF token (X-CSRF-Token)")
+
+    @staticmethod
+    def _json_body(environ):
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_API_BODY:
+            raise ConsoleError("413 Payload Too Large", "body larger than %d bytes"
+                               % MAX_API_BODY)
+        try:
+            request = json.loads(environ["wsgi.input"].read(length) or b"{}")
+        except ValueError:
+            raise ConsoleError("400 Bad Request", "the body is not JSON")
+        if not isinstance(request, dict):
+            raise ConsoleError("400 Bad Request", "the body must be a JSON object")
+        return request
+
+    def _may(self, session, right, destination):
+        if session.everything:
+            return True
+        user = self._user(session)
+        return user is None or user.may(right, destination) or (
+            right == "read" and user.may("admin", destination))
+
+    def _require(self, session, right, destination):
+        if not self._may(session, right, destination):
+            self.server.broker.stats["access_refused"] += 1
+            raise ConsoleError("403 Forbidden", "%s may not %s %s"
+                               % (session.login, right, destination[:200]))
+
+    def _store(self, read, *args):
+        """A read of the store, within STORE_READ_TIMEOUT; 503 if it does not answer."""
+        try:
+            return read(*args, timeout=STORE_READ_TIMEOUT)
+        except pymq_storage.StorageError as error:
+            raise ConsoleError("503 Service Unavailable", "store: %s" % error)
+
+    # -- the API -------------------------------------------------------------------------------
+
+    def api_session(self, session, request, headers):
+        answer = {"login_required": self.login_required(), "version": __version__,
+                  "logged_in": session is not None}
+        if session is not None:
+            answer.update(user=session.login, csrf=session.csrf,
+                          admin=session.everything or self._user(session).admin is not None)
+        return "200 OK", answer
+
+    def api_login(self, session, request, headers):
+        import secrets
+        login, passcode = request.get("login"), request.get("passcode")
+        if not (isinstance(login, str) and isinstance(passcode, str)):
+            raise ConsoleError("400 Bad Request", "send login and passcode")
+        auth, opts = self.server.broker.auth, self.server.options
+        user = auth.users.get(login) if auth.users is not None else None
+        if user is not None and auth._password_ok(user, passcode):
+            session = ConsoleSession(login, everything=False)
+        elif user is None and (opts.login is not None or opts.passcode is not None) and \
+                _credential_ok(opts.login, login) and _credential_ok(opts.passcode, passcode):
+            session = ConsoleSession(login, everything=True)
+        else:
+            self.server.broker.stats["logins_refused"] += 1
+            log.warning("console: login refused for %r", login[:100])
+            gevent.sleep(LOGIN_FAILURE_DELAY)       # guessing is slow
+            raise ConsoleError("401 Unauthorized", "bad credentials")
+        token = secrets.token_urlsafe(32)
+        self.sessions[token] = session
+        while len(self.sessions) > MAX_CONSOLE_SESSIONS:
+            self.sessions.popitem(last=False)
+        headers.append(("Set-Cookie", "%s=%s; Path=/; HttpOnly; SameSite=Strict; Max-Age=%d"
+                        % (CONSOLE_COOKIE, token, CONSOLE_SESSION_TIME)))
+        log.info("console: %s logged in", login)
+        return self.api_session(session, request, headers)
+
+    def api_logout(self, session, request, headers):
+        for token, known in list(self.sessions.items()):
+            if known is session:
+                del self.sessions[token]
+        headers.append(("Set-Cookie", "%s=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"
+                        % CONSOLE_COOKIE))
+        return "200 OK", {"logged_in": False}
+
+    def api_overview(self, session, request, headers):
+        broker, storage = self.server.broker, self.server.storage
+        samples = list(self.samples)
+        epoch = time.time() - time.monotonic()
+        rates = [{"t": round(b[0] + epoch, 1), "in": b[1] - a[1], "delivered": b[2] - a[2],
+                  "acked": b[3] - a[3]} for a, b in zip(samples, samples[1:])]
+        recent = samples[-61:]      # the last minute
+        commits = recent[-1][4] - recent[0][4]
+        latency = (recent[-1][5] - recent[0][5]) / commits if commits else None
+        commit_seconds = storage.commit_seconds
+        return "200 OK", {
+            "version": __version__, "uptime": round(time.time() - self.started, 1),
+            "connections": len(broker.connections),
+            "subscriptions": dict(broker.subscription_counts),
+            "stored": storage.stored,
+            "in_flight": sum(len(conn.in_flight) for conn in broker.connections),
+            "active_queues": len(broker.queues.queues),
+            "store_commit_ms": None if latency is None else round(latency * 1000, 3),
+            "store_commit_ms_all": round(1000 * commit_seconds.sum / sum(commit_seconds.counts), 3)
+            if sum(commit_seconds.counts) else None,
+            "store_outage_since": storage.outage_since,
+            "counters": {key: broker.stats[key] for _, key, _ in BROKER_COUNTERS},
+            "rates": rates,
+        }
+
+    def api_queues(self, session, request, headers):
+        """A page of the queues holding messages: those whose names start with `prefix`,
+        after `after`, `limit` of them; `next` is the `after` of the next page (null: none)."""
+        prefix, after = request.get("prefix", ""), request.get("after") or None
+        limit = self._int(request, "limit", QUEUE_PAGE, 1, MAX_QUEUE_PAGE)
+        names = self._store(self.server.storage.queue_names, prefix, after, limit + 1)
+        more = len(names) > limit
+        names = names[:limit]
+        return "200 OK", {"queues": self._figures(names), "prefix": prefix, "after": after,
+                          "next": names[-1] if more else None}
+
+    def _figures(self, names):
+        """The console's figures of each queue: one read of the store for them all."""
+        dead = [DEAD_LETTER_PREFIX + name for name in names]
+        counts = self._store(self.server.storage.counts, list(names) + dead)
+        queues = self.server.broker.queues
+        figures = []
+        for i, name in enumerate(names):
+            (stored, delayed), dead_letters = counts[i], counts[len(names) + i][0]
+            figures.append({
+                "name": name, "stored": stored, "delayed": delayed,
+                "in_flight": self._in_flight(name), "consumers": queues.count_subscribers(name),
+                "dead_letter_queue": dead[i], "dead_letters": dead_letters})
+        return figures
+
+    def _in_flight(self, name):
+        queue = self.server.broker.queues.queues.get(name)
+        if queue is None:
+            return 0
+        subs = queue.subs if queue.__class__ is Queue else (queue,)
+        return sum(len(sub.in_flight or ()) for sub in subs)
+
+    def api_queue(self, session, request, headers):
+        """One queue's figures, and a peek at its first `peek` ready messages (with the read
+        right), bodies cut at PEEK_BODY characters."""
+        name = self._queue_name(request, "name")
+        destination = "/queue/" + name
+        answer = self._figures([name])[0]
+        answer.update(may_admin=self._may(session, "admin", destination),
+                      may_peek=self._may(session, "read", destination), messages=None)
+        limit = self._int(request, "peek", 10, 0, MAX_PEEK)
+        if answer["may_peek"] and limit:
+            answer["messages"] = [self._peeked(message) for message in
+                                  self._store(self.server.storage.peek, name, limit)]
+        return "200 OK", answer
+
+    @staticmethod
+    def _peeked(message):
+        body = message.body.decode("utf-8", "replace")
+        return {"id": str(message.seq), "priority": message.priority,
+                "deliveries": message.deliveries, "dead_letter": bool(message.dead_letter),
+                "headers": [list(pair) for pair in message.headers],
+                "body": body[:PEEK_BODY], "body_bytes": len(message.body),
+                "truncated": len(body) > PEEK_BODY}
+
+    def api_purge(self, session, request, headers):
+        name = self._queue_name(request, "name")
+        self._require(session, "admin", "/queue/" + name)
+        answer = self._control(self.server.broker.control.purge, name, {})
+        log.info("console: %s purged /queue/%s (%s messages)", session.login, name,
+                 answer["num-purged"])
+        return "200 OK", {"purged": int(answer["num-purged"])}
+
+    def api_move(self, session, request, headers):
+        """Move a queue's messages (a dead-letter queue's, to replay them) to another queue,
+        `max` of them at most: admin on the source, write on the target, as
+        /control/move asks."""
+        name, to = self._queue_name(request, "name"), self._queue_name(request, "to")
+        self._require(session, "admin", "/queue/" + name)
+        self._require(session, "write", "/queue/" + to)
+        headers = {"to": "/queue/" + to}
+        if request.get("max") not in (None, ""):
+            headers["max"] = str(request["max"])
+        answer = self._control(self.server.broker.control.move, name, headers)
+        log.info("console: %s moved %s messages from /queue/%s to /queue/%s", session.login,
+                 answer["num-moved"], name, to)
+        return "200 OK", {"moved": int(answer["num-moved"])}
+
+    @staticmethod
+    def _control(operation, name, headers):
+        try:
+            return operation(name, Frame("SEND", headers))
+        except ProtocolError as error:
+            raise ConsoleError("400 Bad Request", str(error))
+
+    def api_connections(self, session, request, headers):
+        """The open connections, oldest first, `limit` from `offset`."""
+        offset = self._int(request, "offset", 0, 0, 2 ** 31)
+        limit = self._int(request, "limit", 100, 1, MAX_CONNECTIONS_PAGE)
+        connections = sorted(self.server.connections, key=lambda conn: conn.accepted_at)
+        now = time.monotonic()
+        return "200 OK", {"total": len(connections), "offset": offset, "connections": [{
+            "peer": conn.peer, "session": conn.session, "version": conn.version,
+            "user": self._user_name(conn), "transport": conn.transport,
+            "subscriptions": len(conn.subscriptions), "in_flight": len(conn.in_flight),
+            "heart_beat": [int(conn.send_interval * 1000), int(conn.recv_interval * 1000)],
+            "age": round(now - conn.accepted_at, 1),
+        } for conn in connections[offset:offset + limit]]}
+
+    def _user_name(self, conn):
+        if conn.user is not None:
+            return conn.user.name
+        if conn.version is not None and self.login_required():
+            return conn.cert_login or self.server.options.login
+        return None
+
+    @staticmethod
+    def _int(request, key, default, low, high):
+        value = request.get(key)
+        if value in (None, ""):
+            return default
+        try:
+            value = int(value)
+        except (TypeError, ValueError):
+            value = low - 1
+        if not low <= value <= high:
+            raise ConsoleError("400 Bad Request", "%s must be an integer from %d to %d"
+                               % (key, low, high))
+        return value
+
+    @staticmethod
+    def _queue_name(request, key):
+        name = request.get(key)
+        if isinstance(name, str) and name.startswith("/queue/"):
+            name = name[len("/queue/"):]
+        if not isinstance(name, str) or not name:
+            raise ConsoleError("400 Bad Request", "%s: a queue name is needed" % key)
+        return name
+
+
+# The console's pages: one HTML shell for every page; console.js reads the path, asks /api/
+# and builds the page with DOM calls (text is never parsed as HTML: queue names and message
+# bodies are the senders').
+CONSOLE_HTML = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>pymq console</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/console.css">
+<script src="/console.js" defer></script>
+</head>
+<body>
+<header>
+  <strong class="brand">pymq</strong>
+  <nav aria-label="Console pages">
+    <a href="/">Overview</a> <a href="/queues">Queues</a> <a href="/connections">Connections</a>
+  </nav>
+  <span id="who"></span>
+</header>
+<main id="main" aria-live="polite"><p>Loading&hellip;</p></main>
+</body>
+</html>
+"""
+
+CONSOLE_CSS = """
+body { font: 15px/1.4 system-ui, sans-serif; margin: 0; color: #1d232a; background: #f6f7f9; }
+header { display: flex; gap: 1.5em; align-items: center; padding: .6em 1.2em;
+         background: #243447; color: #fff; }
+header a { color: #dbe7f5; margin-right: 1em; }
+header a[aria-current] { color: #fff; font-weight: bold; }
+#who { margin-left: auto; }
+#who button { margin-left: .6em; }
+main { padding: 1em 1.2em; max-width: 75em; }
+h1 { font-size: 1.4em; margin: .2em 0 .6em; }
+h2 { font-size: 1.1em; margin: 1.2em 0 .4em; }
+.figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(11em, 1fr));
+           gap: .6em; margin: 0; }
+.figures div { background: #fff; border: 1px solid #d5dae0; border-radius: 4px;
+               padding: .5em .7em; }
+.figures dt { font-size: .85em; color: #56606b; }
+.figures dd { margin: 0; font-size: 1.4em; font-variant-numeric: tabular-nums; }
+table { border-collapse: collapse; background: #fff; width: 100%; }
+th, td { border: 1px solid #d5dae0; padding: .3em .6em; text-align: left; vertical-align: top; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; }
+caption { text-align: left; color: #56606b; padding: .3em 0; }
+canvas { background: #fff; border: 1px solid #d5dae0; width: 100%; height: 240px; }
+.legend span { margin-right: 1.2em; }
+.legend i { display: inline-block; width: 1em; height: .3em; vertical-align: middle;
+            margin-right: .3em; }
+.swatch-in { background: #2f6fdf; } .swatch-delivered { background: #1a9a5b; }
+.swatch-acked { background: #d9822b; }
+pre { white-space: pre-wrap; word-break: break-all; margin: 0; max-height: 12em;
+      overflow: auto; }
+form.inline { display: flex; gap: .6em; align-items: end; flex-wrap: wrap; margin: .6em 0; }
+label { display: flex; flex-direction: column; font-size: .9em; }
+button { padding: .3em .9em; }
+button.danger { background: #b42318; color: #fff; border: 1px solid #8c1c13; }
+.error { color: #b42318; }
+.note { color: #56606b; }
+.confirm { background: #fff4e5; border: 1px solid #f0b35b; padding: .6em; margin: .6em 0; }
+"""
+
+CONSOLE_JS = r"""
+'use strict';
+const main = document.getElementById('main');
+let session = null;
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key.startsWith('on')) node.addEventListener(key.slice(2), value);
+    else if (value !== null && value !== undefined && value !== false) node.setAttribute(key, value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined)
+      node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+async function api(path, body) {
+  const options = {credentials: 'same-origin', headers: {}};
+  if (body !== undefined) {
+    options.method = 'POST';
+    options.headers['Content-Type'] = 'application/json';
+    if (session && session.csrf) options.headers['X-CSRF-Token'] = session.csrf;
+    options.body = JSON.stringify(body);
+  }
+  const response = await fetch('/api/' + path, options);
+  const answer = await response.json();
+  if (response.status === 401 && path !== 'login') { showLogin(); throw new Error('log in'); }
+  if (!response.ok) throw new Error(answer.error || response.statusText);
+  return answer;
+}
+
+function number(value) { return value === null || value === undefined ? '–' : value.toLocaleString('en'); }
+
+function figures(items) {
+  return el('dl', {class: 'figures'}, items.map(([name, value, id]) =>
+    el('div', {}, el('dt', {}, name), el('dd', {id: id}, value))));
+}
+
+function table(caption, columns, rows) {
+  return el('table', {},
+    el('caption', {}, caption),
+    el('thead', {}, el('tr', {}, columns.map(c => el('th', {scope: 'col'}, c)))),
+    el('tbody', {}, rows));
+}
+
+function show(...nodes) { main.replaceChildren(...nodes.filter(node => node !== null)); }
+
+function failed(error) {
+  if (error.message !== 'log in') show(el('p', {class: 'error', role: 'alert'}, 'Error: ' + error.message));
+}
+
+function showLogin(message) {
+  document.getElementById('who').replaceChildren();
+  const login = el('input', {id: 'login', name: 'login', autocomplete: 'username', required: true});
+  const passcode = el('input', {id: 'passcode', name: 'passcode', type: 'password',
+                                autocomplete: 'current-password', required: true});
+  const status = el('p', {class: 'error', role: 'alert'}, message || '');
+  const form = el('form', {class: 'inline', onsubmit: async event => {
+    event.preventDefault();
+    try {
+      session = await api('login', {login: login.value, passcode: passcode.value});
+      route();
+    } catch (error) { status.textContent = error.message; }
+  }}, el('label', {}, 'Login', login), el('label', {}, 'Passcode', passcode),
+     el('button', {type: 'submit'}, 'Log in'));
+  show(el('h1', {}, 'Log in'), el('p', {class: 'note'}, 'With a login of the broker\'s users file.'),
+       form, status);
+}
+
+function showWho() {
+  const who = document.getElementById('who');
+  if (!session.login_required) { who.replaceChildren('open console: no login configured'); return; }
+  who.replaceChildren(session.user + (session.admin ? ' (admin)' : ''),
+    el('button', {type: 'button', onclick: async () => { await api('logout', {}); session = null; showLogin(); }},
+       'Log out'));
+}
+
+// -- overview --------------------------------------------------------------------------------
+
+// The colours are the legend's too (.swatch-KEY in console.css).
+const SERIES = [['in', 'messages in', '#2f6fdf'], ['delivered', 'delivered', '#1a9a5b'],
+                ['acked', 'acked', '#d9822b']];
+
+function drawChart(canvas, rates) {
+  const ratio = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth, height = canvas.clientHeight;
+  canvas.width = width * ratio; canvas.height = height * ratio;
+  const g = canvas.getContext('2d');
+  g.scale(ratio, ratio);
+  const left = 50, bottom = 20, top = 10, plotW = width - left - 10, plotH = height - top - bottom;
+  const peak = Math.max(1, ...rates.flatMap(r => SERIES.map(([key]) => r[key])));
+  g.font = '12px system-ui, sans-serif'; g.fillStyle = '#56606b'; g.strokeStyle = '#e3e6ea';
+  for (let i = 0; i <= 4; i++) {
+    const y = top + plotH - plotH * i / 4;
+    g.beginPath(); g.moveTo(left, y); g.lineTo(left + plotW, y); g.stroke();
+    g.fillText(Math.round(peak * i / 4).toLocaleString('en'), 4, y + 4);
+  }
+  const seconds = rates.length;
+  g.fillText('per second, over the last ' + (seconds < 120 ? seconds + ' s' : Math.round(seconds / 60) + ' min'),
+             left, height - 4);
+  const span = Math.max(rates.length - 1, 1);
+  for (const [key, , color] of SERIES) {
+    g.strokeStyle = color; g.lineWidth = 2; g.beginPath();
+    rates.forEach((r, i) => {
+      const x = left + plotW * i / span, y = top + plotH - plotH * r[key] / peak;
+      if (i) g.lineTo(x, y); else g.moveTo(x, y);
+    });
+    g.stroke();
+  }
+}
+
+function uptime(seconds) {
+  const d = Math.floor(seconds / 86400), h = Math.floor(seconds % 86400 / 3600),
+        m = Math.floor(seconds % 3600 / 60), s = Math.floor(seconds % 60);
+  return (d ? d + 'd ' : '') + (d || h ? h + 'h ' : '') + m + 'm ' + s + 's';
+}
+
+async function overview() {
+  const o = await api('overview');
+  const subs = Object.values(o.subscriptions).reduce((a, b) => a + b, 0);
+  const last = o.rates[o.rates.length - 1] || {in: 0, delivered: 0, acked: 0};
+  const canvas = el('canvas', {id: 'rates', role: 'img',
+    'aria-label': 'messages per second: ' + SERIES.map(([k, name]) => name + ' ' + last[k]).join(', ')});
+  show(el('h1', {}, 'Overview'),
+    figures([['version', o.version, 'version'], ['uptime', uptime(o.uptime), 'uptime'],
+             ['connections', number(o.connections), 'connections'],
+             ['subscriptions', number(subs), 'subscriptions'],
+             ['stored messages', number(o.stored), 'stored'],
+             ['in flight', number(o.in_flight), 'in-flight'],
+             ['store commit (last min)', o.store_commit_ms === null ? '–' : o.store_commit_ms.toFixed(2) + ' ms', 'commit'],
+             ['messages in / s', number(last.in), 'rate-in'],
+             ['delivered / s', number(last.delivered), 'rate-delivered'],
+             ['acked / s', number(last.acked), 'rate-acked']]),
+    o.store_outage_since ? el('p', {class: 'error', role: 'alert'}, 'The database is unavailable: writes are being retried.') : null,
+    el('h2', {}, 'Messages per second'),
+    el('p', {class: 'legend'}, SERIES.map(([key, name]) => el('span', {}, el('i', {class: 'swatch-' + key}), name))),
+    canvas);
+  drawChart(canvas, o.rates);
+}
+
+// -- queues ----------------------------------------------------------------------------------
+
+function queueLink(name) { return el('a', {href: '/queue?name=' + encodeURIComponent(name)}, name); }
+
+async function queues() {
+  const params = new URLSearchParams(location.search);
+  const prefix = params.get('prefix') || '', after = params.get('after') || '';
+  const page = await api('queues?' + new URLSearchParams({prefix: prefix, after: after}));
+  const search = el('input', {id: 'prefix', name: 'prefix', value: prefix, type: 'search'});
+  const rows = page.queues.map(q => el('tr', {},
+    el('td', {}, queueLink(q.name)), el('td', {class: 'n'}, number(q.stored)),
+    el('td', {class: 'n'}, number(q.in_flight)), el('td', {class: 'n'}, number(q.consumers)),
+    el('td', {class: 'n'}, number(q.delayed)),
+    el('td', {class: 'n'}, q.dead_letters ? queueLink(q.dead_letter_queue) : null, q.dead_letters ? ' ' : null, number(q.dead_letters))));
+  const links = [];
+  if (after) links.push(el('a', {href: '/queues?' + new URLSearchParams({prefix: prefix})}, 'First page'));
+  if (page.next) links.push(el('a', {href: '/queues?' + new URLSearchParams({prefix: prefix, after: page.next}), rel: 'next'}, 'Next page'));
+  show(el('h1', {}, 'Queues'),
+    el('form', {class: 'inline', method: 'get', action: '/queues', role: 'search'},
+       el('label', {}, 'Name starts with', search), el('button', {type: 'submit'}, 'Search')),
+    table((after ? 'Queues after ' + after : 'Queues') + ' holding messages' + (prefix ? ', names starting with ' + prefix : ''),
+          ['Queue', 'Stored', 'In flight', 'Consumers', 'Delayed', 'Dead letters'],
+          rows.length ? rows : [el('tr', {}, el('td', {colspan: 6}, 'No queue holds messages' + (prefix ? ' under this prefix.' : '.')))]),
+    el('p', {}, links.flatMap((link, i) => i ? [' · ', link] : [link])));
+}
+
+// -- one queue -------------------------------------------------------------------------------
+
+function confirmThen(container, question, label, action) {
+  const status = el('p', {role: 'status'});
+  const box = el('div', {class: 'confirm', role: 'alertdialog', 'aria-label': question},
+    el('p', {}, question),
+    el('button', {type: 'button', class: 'danger', id: 'confirm', onclick: async () => {
+      try { status.textContent = await action(); setTimeout(queue, 800); }
+      catch (error) { status.textContent = 'Error: ' + error.message; status.className = 'error'; }
+    }}, label), ' ',
+    el('button', {type: 'button', onclick: () => box.remove()}, 'Cancel'), status);
+  container.replaceChildren(box);
+  box.querySelector('button').focus();
+}
+
+async function queue() {
+  const name = new URLSearchParams(location.search).get('name') || '';
+  const q = await api('queue?' + new URLSearchParams({name: name, peek: 10}));
+  const admin = el('div', {id: 'admin'});
+  const actions = el('section', {}, el('h2', {}, 'Admin'), admin);
+  const to = el('input', {id: 'move-to', name: 'to', value: name.startsWith('DLQ.') ? name.slice(4) : '', required: true});
+  const max = el('input', {id: 'move-max', name: 'max', type: 'number', min: 0, placeholder: 'all'});
+  const confirmBox = el('div', {});
+  admin.append(
+    el('button', {type: 'button', class: 'danger', id: 'purge', onclick: () =>
+      confirmThen(confirmBox, 'Delete the ' + q.stored + ' stored messages of ' + name + ' (but those in flight)?', 'Purge',
+                  async () => 'Purged ' + (await api('queue/purge', {name: name})).purged + ' messages.')}, 'Purge…'),
+    el('form', {class: 'inline', onsubmit: event => { event.preventDefault();
+      confirmThen(confirmBox, 'Move ' + (max.value || 'all') + ' messages of ' + name + ' to ' + to.value + '?', 'Move',
+                  async () => 'Moved ' + (await api('queue/move', {name: name, to: to.value, max: max.value})).moved + ' messages.'); }},
+      el('label', {}, 'Move messages to queue', to), el('label', {}, 'At most', max),
+      el('button', {type: 'submit', id: 'move'}, 'Move…')),
+    confirmBox);
+  let messages;
+  if (!q.may_peek) messages = el('p', {class: 'note'}, 'You may not read this queue\'s messages.');
+  else messages = table('The first ' + q.messages.length + ' ready messages, in delivery order (peeked: nothing is consumed)',
+    ['Id', 'Priority', 'Deliveries', 'Headers', 'Body'],
+    q.messages.length ? q.messages.map(m => el('tr', {},
+      el('td', {}, m.id), el('td', {class: 'n'}, m.priority), el('td', {class: 'n'}, m.deliveries),
+      el('td', {}, el('pre', {}, m.headers.map(([k, v]) => k + ': ' + v).join('\n'))),
+      el('td', {}, el('pre', {}, m.body + (m.truncated ? '… (' + m.body_bytes.toLocaleString('en') + ' bytes)' : ''))))) :
+      [el('tr', {}, el('td', {colspan: 5}, 'No ready message.'))]);
+  show(el('h1', {}, 'Queue ', el('code', {}, name)),
+    figures([['stored', number(q.stored), 'stored'], ['in flight', number(q.in_flight), 'in-flight'],
+             ['consumers', number(q.consumers), 'consumers'], ['delayed', number(q.delayed), 'delayed'],
+             ['dead letters (' + q.dead_letter_queue + ')', number(q.dead_letters), 'dead-letters']]),
+    q.may_admin ? actions : null,
+    el('h2', {}, 'Messages'), messages);
+}
+
+// -- connections -----------------------------------------------------------------------------
+
+const TRANSPORTS = {tcp: 'TCP', tls: 'TLS', ws: 'WebSocket', wss: 'WebSocket over TLS'};
+
+async function connections() {
+  const offset = Number(new URLSearchParams(location.search).get('offset') || 0);
+  const page = await api('connections?' + new URLSearchParams({offset: offset, limit: 100}));
+  const rows = page.connections.map(c => el('tr', {},
+    el('td', {}, c.peer), el('td', {}, c.user || '–'), el('td', {}, c.version || 'not connected'),
+    el('td', {}, TRANSPORTS[c.transport] || c.transport), el('td', {class: 'n'}, number(c.subscriptions)),
+    el('td', {class: 'n'}, number(c.in_flight)),
+    el('td', {}, c.heart_beat[0] || c.heart_beat[1] ? 'send ' + c.heart_beat[0] + ' ms, expect ' + c.heart_beat[1] + ' ms' : 'none'),
+    el('td', {}, uptime(c.age))));
+  const links = [];
+  if (offset > 0) links.push(el('a', {href: '/connections?offset=' + Math.max(0, offset - 100)}, 'Previous page'));
+  if (offset + 100 < page.total) links.push(el('a', {href: '/connections?offset=' + (offset + 100)}, 'Next page'));
+  show(el('h1', {}, 'Connections'),
+    table(page.total + ' open connections' + (page.total > 100 ? ', ' + (offset + 1) + ' to ' + Math.min(page.total, offset + 100) : ''),
+          ['Peer', 'User', 'Protocol', 'Transport', 'Subscriptions', 'In flight', 'Heart-beat', 'Connected for'],
+          rows.length ? rows : [el('tr', {}, el('td', {colspan: 8}, 'No connection.'))]),
+    el('p', {}, links.flatMap((link, i) => i ? [' · ', link] : [link])));
+}
+
+// -- routing ---------------------------------------------------------------------------------
+
+const PAGES = {'/': overview, '/queues': queues, '/queue': queue, '/connections': connections};
+let refresh = null;
+
+async function route() {
+  clearInterval(refresh);
+  for (const link of document.querySelectorAll('nav a'))
+    if (link.getAttribute('href') === location.pathname) link.setAttribute('aria-current', 'page');
+  try {
+    session = await api('session');
+    if (!session.logged_in) { showLogin(); return; }
+    showWho();
+    const page = PAGES[location.pathname] || overview;
+    await page();
+    document.body.dataset.loaded = location.pathname;
+    if (page === overview) refresh = setInterval(() => overview().catch(failed), 1000);
+  } catch (error) { failed(error); }
+}
+
+route();
+"""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,9 +30,8 @@ greenlet at a time, in order:
   ForgetKeys, Import, in order; each gets its ``result``), its deletes, and, when
   ``batch.next_seq`` is not None, the record that sequence numbers below it are taken (see
   Storage.new_message). Make it durable (commit and fsync) before returning; then answer
-  ``batch.reads`` (Load, Count, Holding, Expired, Stored, Depths) against the new state, one
-  result each, in
-  order. If it raises, none of the writes happened. `Backend.answer()` dispatches the reads.
+  ``batch.reads`` (Load, Count, Holding, Expired, Stored, Depths, QueueNames, Counts, Peek)
+  against the new state, one result each, in order. If it raises, none of the writes happened. `Backend.answer()` dispatches the reads.
 - ``close()``.
 - ``is_transient(error) -> bool``: whether a failed apply() is worth retrying (the database
   went away). Storage then retries the same batch with back-off, for up to `retry_for`
@@ -183,6 +182,58 @@ class Depths:
         self.pattern = pattern
         self.limit = limit
         self.now = now
+
+
+class QueueNames:
+    """Read: the names of up to `limit` queues that hold messages, whose names start with
+    `prefix` and come after `after` (None: from the first), in the store's name order: one page
+    of a listing that may be a million queues long (the web console). Each step is an index
+    probe, whatever the queues hold."""
+
+    __slots__ = ("prefix", "after", "limit")
+    callback = None
+
+    def __init__(self, prefix, after, limit):
+        self.prefix = prefix
+        self.after = after
+        self.limit = limit
+
+
+def skip_scan(limit, first, probe):
+    """The names of a QueueNames read, found one index probe at a time: `first` is (name,
+    strict) to start from (strict: after it, else from it); probe(last, strict) -> the next
+    name in the store's order, or None."""
+    names = []
+    last, strict = first
+    while len(names) < limit:
+        last, strict = probe(last, strict), True
+        if last is None:
+            break
+        names.append(last)
+    return names
+
+
+class Counts:
+    """Read: [(messages, delayed)] of each queue of `names`, as Count counts them at `now`."""
+
+    __slots__ = ("names", "now")
+    callback = None
+
+    def __init__(self, names, now):
+        self.names = names
+        self.now = now
+
+
+class Peek:
+    """Read: up to `limit` ready messages of `queue` in delivery order, from the first, those
+    in flight included, without taking any (a cluster node claims none)."""
+
+    __slots__ = ("queue", "limit")
+    callback = None
+
+    def __init__(self, queue, limit):
+        self.queue = queue
+        self.limit = limit
 
 
 class Subscribers:
@@ -431,7 +482,14 @@ class Backend:
                 else self.count_stored() if read.__class__ is Stored
                 else self.depths(read) if read.__class__ is Depths
                 else self.subscribers(read) if read.__class__ is Subscribers
+                else self.queue_names(read) if read.__class__ is QueueNames
+                else [self.count(Count(name, read.now)) for name in read.names]
+                if read.__class__ is Counts
+                else self.peek(read) if read.__class__ is Peek
                 else self.load(read) for read in reads]
+
+    def peek(self, read):
+        return self.load(Load(read.queue, None, read.limit))
 
     # The primitives of write() and answer(), each inside apply()'s transaction:
     # insert(messages, dedup) -> seqs skipped as duplicates (dedup: seq -> (key, sent, until):
@@ -442,7 +500,8 @@ class Backend:
     #     have been written);
     #     reserve(next_seq) -> None, or (first, end) of a block of seqs it chose instead (a
     #     cluster node: next_seq is then ignored); load(read), count(read),
-    #     queues_holding(names), expired(read), count_stored(), depths(read).
+    #     queues_holding(names), expired(read), count_stored(), depths(read),
+    #     queue_names(read); peek(read) if load() would not do (it claims messages).
     # A cluster backend also: release(op), release_queue(op), heartbeat(op), subscribers(read);
     # and open() -> (first, end) of its first block of seqs.
 
@@ -867,6 +926,18 @@ class Storage:
         """[(queue, messages)] of up to `limit` queues whose names match the glob `pattern`
         (see Depths)."""
         return self._read(Depths(pattern, limit, now_ms()), timeout)
+
+    def queue_names(self, prefix, after, limit, timeout=None):
+        """[queue] of a page of the queues holding messages (see QueueNames)."""
+        return self._read(QueueNames(prefix, after, limit), timeout)
+
+    def counts(self, names, timeout=None):
+        """[(messages, delayed)] of each queue of `names`, in one read."""
+        return self._read(Counts(names, now_ms()), timeout)
+
+    def peek(self, queue, limit, timeout=None):
+        """The first `limit` ready messages of `queue`, left where they are (see Peek)."""
+        return self._read(Peek(queue, limit), timeout)
 
     def check(self, timeout):
         """Raise StorageError unless the store answers a read (one index probe) within

@@ -196,6 +196,12 @@ class MemoryBackend(Backend):
                     break
         return depths
 
+    def queue_names(self, read):
+        after = read.after
+        return sorted(name for name in set(self.ready) | set(self.delayed)
+                      if name.startswith(read.prefix) and (after is None or name > after)
+                      )[:read.limit]
+
     def expired(self, read):
         found = sorted(((m.expires, m.seq), m) for m in self.expiring.values()
                        if m.expires <= read.now

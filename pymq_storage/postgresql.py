@@ -25,7 +25,8 @@ import json
 import logging
 import re
 
-from .base import ANYWHERE, Backend, StorageError, StoredMessage, _arrive
+from .base import (ANYWHERE, Backend, Load, StorageError, StoredMessage, _arrive,
+                   skip_scan)
 
 log = logging.getLogger("pymq.storage")
 
@@ -350,6 +351,22 @@ class PostgreSQLBackend(Backend):
             {"re": glob_regex(read.pattern), "now": read.now, "limit": read.limit})
         return [(queue, int(n)) for queue, n in self.cursor.fetchall()]
 
+    def queue_names(self, read):
+        # A skip scan, as in sqlite.py: one probe of each partial index per name, in the
+        # database's collation (the index's). starts_with() rather than a range: in a
+        # collation other than C the names with a prefix need not be contiguous.
+        def probe(last, strict):
+            self.cursor.execute(
+                "SELECT LEAST((SELECT MIN(queue) FROM pymq_messages WHERE queue {0} %(last)s "
+                "AND starts_with(queue, %(prefix)s) AND due = 0), (SELECT MIN(queue) FROM "
+                "pymq_messages WHERE queue {0} %(last)s AND starts_with(queue, %(prefix)s) "
+                "AND due > 0))".format(">" if strict else ">="),
+                {"last": last, "prefix": read.prefix})
+            return self.cursor.fetchone()[0]
+
+        return skip_scan(read.limit, (read.after, True) if read.after is not None
+                         else (read.prefix, False), probe)
+
     def expired(self, read):
         expires, seq = read.after or (0, 0)
         self.cursor.execute(
@@ -625,6 +642,9 @@ class ClusterBackend(PostgreSQLBackend):
         messages = [_message(row) for row in self.cursor.fetchall()]
         messages.sort(key=_key)
         return messages
+
+    def peek(self, read):
+        return PostgreSQLBackend.load(self, Load(read.queue, None, read.limit))
 
     def subscribers(self, read):
         self.cursor.execute(

@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 
-from .base import Backend, StoredMessage
+from .base import Backend, StoredMessage, skip_scan
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -334,6 +334,25 @@ class SQLiteBackend(Backend):
             "GROUP BY queue HAVING SUM(n) > 0 ORDER BY queue LIMIT :limit",
             {"glob": read.pattern.replace("[!", "[^"), "now": read.now, "limit": read.limit}
         ).fetchall()
+
+    def queue_names(self, read):
+        # A skip scan: each next name is the first entry after the last in one of the two
+        # partial indexes (ready, delayed), one probe each, however many messages a queue
+        # holds. Names compare as bytes, i.e. by code point: those starting with the prefix
+        # lie between it and its successor.
+        prefix = read.prefix
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
+
+        def probe(last, strict):
+            found = [self.db.execute(
+                "SELECT MIN(queue) FROM messages WHERE queue %s ? AND queue < ? AND %s"
+                % (">" if strict else ">=", partial), (last, upper)).fetchone()[0]
+                for partial in ("due = 0", "due > 0")]
+            return min((name for name in found if name is not None), default=None)
+
+        after = read.after
+        return skip_scan(read.limit, (after, True) if after is not None and after >= prefix
+                         else (prefix, False), probe)
 
     def expired(self, read):
         expires, seq = read.after or (0, 0)

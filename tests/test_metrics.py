@@ -197,7 +197,7 @@ def test_healthz_and_other_paths(start_broker):
     broker = start_broker(http_port=0)
     assert get(broker, "/healthz") == (200, "ok\n")
     assert get(broker, "/healthz", "HEAD") == (200, "")
-    assert get(broker, "/")[0] == 404
+    assert get(broker, "/")[0] == 200                   # the console (tests/test_console.py)
     assert get(broker, "/metrics/x")[0] == 404
     assert get(broker, "/metrics", "POST")[0] == 405
     assert get(broker, "/healthz", "DELETE")[0] == 405

@@ -1159,6 +1159,39 @@ def test_depths_of_the_queues_a_glob_matches(store):
     assert depths("nothing*") == []
 
 
+def test_queue_names_a_page_at_a_time_by_prefix(store):
+    now = now_ms()
+    for queue in ("jobs.b", "jobs.a", "jobs", "jobz", "mail", "jobs.c", "jobs.a"):
+        put_wait(store, queue)
+    delayed = store.new_message("jobs.d", 4, 0.0, [], b"x", due=now + 60000)
+    within(store.save(delayed).wait)                    # only delayed: listed too
+
+    def names(prefix, after=None, limit=10):
+        return within(store.queue_names, prefix, after, limit)
+
+    assert names("") == ["jobs", "jobs.a", "jobs.b", "jobs.c", "jobs.d", "jobz", "mail"]
+    assert names("jobs.", limit=2) == ["jobs.a", "jobs.b"]
+    assert names("jobs.", "jobs.b", 2) == ["jobs.c", "jobs.d"]
+    assert names("jobs.", "jobs.d") == []
+    assert names("jobs", "a") == ["jobs", "jobs.a", "jobs.b", "jobs.c", "jobs.d"]
+    assert names("nothing") == []
+    assert within(store.counts, ["jobs.a", "jobs.d", "none"]) == [(2, 0), (1, 1), (0, 0)]
+
+
+def test_peek_reads_the_first_ready_messages_and_takes_none(store):
+    first = put_wait(store, "q", body=b"first")
+    urgent = store.new_message("q", 9, 0.0, [("h", "v")], b"urgent")
+    within(store.save(urgent).wait)
+    put_wait(store, "q")
+    later = store.new_message("q", 4, 0.0, [], b"x", due=now_ms() + 60000)
+    within(store.save(later).wait)                      # not ready: not peeked
+    peeked = within(store.peek, "q", 2)
+    assert [(m.seq, m.body, m.headers) for m in peeked] == [
+        (urgent.seq, b"urgent", [("h", "v")]), (first.seq, b"first", [])]
+    assert len(within(store.peek, "q", 10)) == 3
+    assert within(store.load, "q", None, 10)[0].seq == urgent.seq     # still there
+
+
 def test_batch_histograms_count_each_batch_applied(store):
     sizes, seconds = store.batch_sizes, store.commit_seconds
     before = sum(sizes.counts), sum(seconds.counts), sizes.sum
