@@ -1064,8 +1064,12 @@ class Queues:
             size = queue.refill_size
             if self.cluster:
                 # Claim no more than the consumers here can take: what one node holds, the
-                # others' consumers cannot have.
-                size = max(1, min(size, sum(_room(sub) for sub in queue.subs) - len(ready)))
+                # others' consumers cannot have. (One at least while the first ready one waits
+                # for the cursor.)
+                room = sum(_room(sub) for sub in queue.subs) - len(ready)
+                if room <= 0 and ready and queue.in_order(ready[0][0]):
+                    return
+                size = max(1, min(size, room))
             queue.refilling = self.storage.load_async(queue.name, queue.cursor, size,
                                                       self._refilled)
 
@@ -1204,9 +1208,13 @@ class Queues:
         is the one the queue, still active, waits for."""
         queue = self.queues.get(load.queue)
         if queue.__class__ is not Queue or queue.refilling is not load:
+            if self.cluster and messages:
+                self._let_go(queue, messages)
             return
         queue.refilling = False
         gone, queue.acked_while_refilling = queue.acked_while_refilling, None
+        if self.cluster and gone and messages:
+            self._let_go(queue, [m for m in messages if m.seq in gone])
         if messages is None:
             log.error("queue %s: cannot load messages; trying again in %g s",
                       queue.name, REFILL_RETRY)
@@ -1228,6 +1236,15 @@ class Queues:
         else:
             queue.exhausted = len(messages) < load.limit
         self.dispatch(queue)
+
+    def _let_go(self, queue, messages):
+        """A cluster node's refill claimed these, and the queue does not take them (they came
+        back meanwhile, or the answer is stale): others may have those it does not hold.
+        The release rides in the pending batch, before any refill that reads them again."""
+        held = queue.held if queue.__class__ is Queue and queue.held else ()
+        seqs = [m.seq for m in messages if m.seq not in held]
+        if seqs:
+            self.storage.release(seqs)
 
     def _resize(self, queue):
         """A full refill came back: if the queue's consumers took all it had meanwhile (not the

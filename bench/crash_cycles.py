@@ -14,6 +14,12 @@ letter without its reason.
     python bench/crash_cycles.py                                  # 200 cycles, both stores
     python bench/crash_cycles.py --cycles 1000 --seed 7 --backend sqlite
     python bench/crash_cycles.py --backend postgresql --outages   # database outages too
+    python bench/crash_cycles.py --cluster --cycles 500           # two nodes, one killed a cycle
+
+With --cluster the broker is two nodes (--nodes) of a cluster over one PostgreSQL database,
+producers and consumers on both; a cycle kills one node (one in five: all of them) and starts
+it again while the other goes on. Also checked then: no message in flight on two live nodes at
+once (a killed node's are delivered again by the other, marked redelivered).
 
 PostgreSQL runs on a throwaway server of the script's own (tests/postgres.py: initdb in a
 temporary directory, as `nobody` when run as root). Exit status: 0 when every backend passed,
@@ -46,7 +52,7 @@ def run_backend(backend, args):
     """Run the cycles on one backend; returns (title, CrashResult or None, failure text)."""
     cluster = None
     title = backend + (" with database outages" if backend == "postgresql" and args.outages
-                       else "")
+                       else ", a cluster of %d nodes" % args.nodes if args.cluster else "")
     log("== %s: %d cycles, seed %d" % (title, args.cycles, args.seed))
     try:
         options = dict(cycles=args.cycles, seed=args.seed, receipts=tuple(args.receipts),
@@ -61,7 +67,9 @@ def run_backend(backend, args):
                 raise SetupError(postgres.INSTALL_HINT)
             cluster = postgres.new_cluster(fsync=args.fsync)
             store = cluster.create_database()
-            if args.outages:
+            if args.cluster:
+                options.update(nodes=args.nodes, lease_timeout=args.lease_timeout)
+            elif args.outages:
                 options.update(outage=cluster, db_retry=args.db_retry,
                                outage_time=(0.05, args.max_outage),
                                long_outage_rate=args.long_outages)
@@ -102,11 +110,21 @@ def main(argv=None):
     parser.add_argument("--receipts", type=int, nargs=2, default=(10, 200), metavar=("MIN", "MAX"),
                         help="kill after this many SEND receipts (10 200)")
     parser.add_argument("--producers", type=int, default=3, help="producer connections (3)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="PostgreSQL only: a cluster of --nodes nodes, one killed a cycle")
+    parser.add_argument("--nodes", type=int, default=2, help="nodes with --cluster (2)")
+    parser.add_argument("--lease-timeout", type=float, default=test_crash.CLUSTER_LEASE,
+                        help="the nodes' --lease-timeout with --cluster (%g)"
+                             % test_crash.CLUSTER_LEASE)
     parser.add_argument("--fsync", action="store_true", help="PostgreSQL with fsync on")
     parser.add_argument("--quiet", action="store_true", help="no line per cycle")
     parser.add_argument("--plain", action="store_true",
                         help="plain SENDs only: no delays, expiry, dedup-ids or NACKs")
     args = parser.parse_args(argv)
+    if args.cluster:
+        if args.outages or args.backend == "sqlite":
+            parser.error("--cluster runs on PostgreSQL, without --outages")
+        args.backend = "postgresql"
 
     backends = ("sqlite", "postgresql") if args.backend == "both" else (args.backend,)
     results = []

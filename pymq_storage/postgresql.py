@@ -58,23 +58,27 @@ UPGRADE_FROM_1 = [
     "ALTER TABLE pymq_messages ADD COLUMN dead_letter BOOLEAN NOT NULL DEFAULT FALSE",
     "DROP INDEX pymq_messages_delivery",
 ]
+# Each with the relation (or table.column) it makes, run only when that is missing: CREATE
+# INDEX IF NOT EXISTS and ALTER TABLE lock the table even when there is nothing to do, and the
+# other nodes of a cluster are writing to it meanwhile (a deadlock at a node's start).
 INDEXES = [
-    """CREATE INDEX IF NOT EXISTS pymq_messages_ready
-        ON pymq_messages (queue, priority DESC, seq) WHERE due = 0""",
-    "CREATE INDEX IF NOT EXISTS pymq_messages_due ON pymq_messages (due) WHERE due > 0",
-    """CREATE INDEX IF NOT EXISTS pymq_messages_delayed
-        ON pymq_messages (queue, due) WHERE due > 0""",
-    """CREATE INDEX IF NOT EXISTS pymq_messages_expiry
-        ON pymq_messages (expires, seq) WHERE expires > 0""",
-    """CREATE TABLE IF NOT EXISTS pymq_dedup (
+    ("pymq_messages_ready", """CREATE INDEX IF NOT EXISTS pymq_messages_ready
+        ON pymq_messages (queue, priority DESC, seq) WHERE due = 0"""),
+    ("pymq_messages_due",
+     "CREATE INDEX IF NOT EXISTS pymq_messages_due ON pymq_messages (due) WHERE due > 0"),
+    ("pymq_messages_delayed", """CREATE INDEX IF NOT EXISTS pymq_messages_delayed
+        ON pymq_messages (queue, due) WHERE due > 0"""),
+    ("pymq_messages_expiry", """CREATE INDEX IF NOT EXISTS pymq_messages_expiry
+        ON pymq_messages (expires, seq) WHERE expires > 0"""),
+    ("pymq_dedup", """CREATE TABLE IF NOT EXISTS pymq_dedup (
         queue TEXT NOT NULL,
         key   TEXT NOT NULL,
         seq   BIGINT NOT NULL,
         until BIGINT NOT NULL,
-        PRIMARY KEY (queue, key))""",
-    "CREATE INDEX IF NOT EXISTS pymq_dedup_until ON pymq_dedup (until)",
+        PRIMARY KEY (queue, key))"""),
+    ("pymq_dedup_until", "CREATE INDEX IF NOT EXISTS pymq_dedup_until ON pymq_dedup (until)"),
     # The cluster node that holds the message (ClusterBackend); always NULL on a single node.
-    "ALTER TABLE pymq_messages ADD COLUMN IF NOT EXISTS owner BIGINT",
+    ("pymq_messages.owner", "ALTER TABLE pymq_messages ADD COLUMN IF NOT EXISTS owner BIGINT"),
 ]
 COLUMNS = ("SELECT seq, queue, priority, ack_timeout, headers, body, due, expires, deliveries, "
            "dead_letter FROM pymq_messages ")
@@ -113,6 +117,17 @@ def glob_regex(pattern):
             parts.append(re.escape(char))
     parts.append("$")
     return "".join(parts)
+
+
+def _exists(cursor, name):
+    """Whether the relation `name`, or the column "table.column", exists."""
+    table, _, column = name.partition(".")
+    if column:
+        cursor.execute("SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND "
+                       "attname = %s AND NOT attisdropped", (table, column))
+        return cursor.fetchone() is not None
+    cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (name,))
+    return cursor.fetchone()[0]
 
 
 def _message(row):
@@ -161,8 +176,9 @@ class PostgreSQLBackend(Backend):
                     cursor.execute(statement)
                 cursor.execute("UPDATE pymq_meta SET value = %s WHERE key = 'schema_version'",
                                (SCHEMA_VERSION,))
-            for statement in INDEXES:
-                cursor.execute(statement)
+            for name, statement in INDEXES:
+                if not _exists(cursor, name):
+                    cursor.execute(statement)
             cursor.execute("SELECT value FROM pymq_meta WHERE key = 'next_seq'")
             stored = cursor.fetchone()[0]
             cursor.execute("SELECT COALESCE(MAX(seq), 0) FROM pymq_messages")
@@ -213,10 +229,12 @@ class PostgreSQLBackend(Backend):
         if messages:
             execute_values(
                 self.cursor, "INSERT INTO pymq_messages VALUES %s ON CONFLICT (seq) DO NOTHING",
-                [(m.seq, m.queue, m.priority, m.ack_timeout, json.dumps(m.headers), m.body,
-                  m.due, m.expires, m.deliveries, m.dead_letter) for m in messages],
-                page_size=1000)
+                self._rows(messages), page_size=1000)
         return duplicates
+
+    def _rows(self, messages):
+        return [(m.seq, m.queue, m.priority, m.ack_timeout, json.dumps(m.headers), m.body,
+                 m.due, m.expires, m.deliveries, m.dead_letter) for m in messages]
 
     def _take_key(self, message, key, sent, until):
         """Whether the message takes `key` in its queue (see sqlite.py); the same seq holding
@@ -502,10 +520,6 @@ class ClusterBackend(PostgreSQLBackend):
     def write(self, batch):
         self.freed = {}
         super().write(batch)
-        for seq, message in batch.inserts.items():
-            if (self._owned is None or seq not in self._owned) and not message.due \
-                    and seq not in batch.duplicates:
-                self._free(message.queue, message.key)
         batch.freed = ANYWHERE if self.freed is None else self.freed
         notices = [self._queue_notice(None, None)] if self.freed is None else [
             self._queue_notice(queue, key) for queue, key in self.freed.items()]
@@ -537,22 +551,42 @@ class ClusterBackend(PostgreSQLBackend):
         if self.freed is not None:
             _arrive(self.freed, queue, key)
 
-    def insert(self, messages, dedup):
-        duplicates = super().insert(messages, dedup)
-        if self._owned:
-            self.cursor.execute("UPDATE pymq_messages SET owner = %s WHERE seq = ANY(%s)",
-                                (self.node_id, sorted(self._owned)))
-        return duplicates
+    def _rows(self, messages):
+        """The rows of the inserts, with their owner: this node for one it delivers at once
+        (batch.owned), unless it waits to be due already (NACKed with a delay before its
+        insert); any other is free. Each message is read once: the broker may change it (a
+        NACK's due time) while the batch is applied, the greenlet waiting on the database."""
+        owned, me = self._owned or (), self.node_id
+        rows = []
+        for m in messages:
+            due = m.due
+            owner = me if not due and m.seq in owned else None
+            rows.append((m.seq, m.queue, m.priority, m.ack_timeout, json.dumps(m.headers),
+                         m.body, due, m.expires, m.deliveries, m.dead_letter, owner))
+            if owner is None and not due:
+                self._free(m.queue, m.key)
+        return rows
 
     def update(self, messages):
-        super().update(messages)
-        # A message waiting to be due (a back-off) is nobody's: whichever node is free then.
-        waiting = [m.seq for m in messages if m.due]
-        if waiting:
-            self.cursor.execute("UPDATE pymq_messages SET owner = NULL WHERE seq = ANY(%s)",
-                                (waiting,))
+        """Write each message's deliveries and due time, if this node still holds it (one
+        that lost its lease must not write over what another holds now). One waiting to be
+        due (a back-off) is let go: it is whichever node's that is free then. One statement,
+        each message read once (see _rows)."""
+        from psycopg2.extras import execute_values
+        execute_values(
+            self.cursor, "UPDATE pymq_messages AS m SET deliveries = v.deliveries, due = v.due, "
+                         "owner = CASE WHEN v.due > 0 THEN NULL ELSE m.owner END FROM (VALUES %s) "
+                         "AS v (seq, deliveries, due) WHERE m.seq = v.seq AND m.owner = "
+                         + str(int(self.node_id)),
+            [(m.seq, m.deliveries, m.due) for m in messages], page_size=1000)
 
     def dead_letter(self, op):
+        # Not one another live node holds: a sweep found it free, then that node took it (and
+        # finds it expired itself).
+        self.cursor.execute("SELECT 1 FROM pymq_messages WHERE seq = %(seq)s AND " + FREE
+                            + " FOR UPDATE", self.params(seq=op.seq))
+        if self.cursor.fetchone() is None:
+            return False
         moved = super().dead_letter(op)
         if moved:
             self._free(op.target, (-op.priority, op.seq))
@@ -596,9 +630,11 @@ class ClusterBackend(PostgreSQLBackend):
         stale or gone: it was paused, or cut off, past its lease), it is registered again
         under a new id and Storage fences it. Nodes whose lease ran out are forgotten, and
         everyone is told to look again everywhere: what they held is free."""
-        self.cursor.execute("UPDATE pymq_nodes SET heartbeat = now() WHERE id = %(me)s AND "
-                            "heartbeat > now() - %(lease)s * interval '1 second'",
-                            self.params())
+        # The clock's time, not the transaction's start: the lease runs from no earlier than
+        # Heartbeat.started, where this node counts it from.
+        self.cursor.execute("UPDATE pymq_nodes SET heartbeat = clock_timestamp() WHERE id = "
+                            "%(me)s AND heartbeat > clock_timestamp() - %(lease)s * "
+                            "interval '1 second'", self.params())
         held = self.cursor.rowcount == 1
         self.cursor.execute("DELETE FROM pymq_nodes WHERE heartbeat < now() - %(lease)s * "
                             "interval '1 second' RETURNING id", self.params())
