@@ -450,3 +450,59 @@ def test_touch_on_the_node_of_the_message_and_an_ack_timeout_hands_it_to_another
     other.request("ACK", {"id": again.headers["ack"]})
     assert count_msgs(client, "jobs") == 0
     nothing_more(slow)
+
+
+# -- a node cut off from the database ------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_nodes_cut_off_from_the_database_past_their_lease_fence_themselves_and_serve_again():
+    """The database server stops for longer than the lease (pg_ctl stop -m immediate: every
+    connection cut) and starts again: the nodes' leases ran out meanwhile, so each one tells
+    its clients (ERROR "cluster node lost its lease") and serves again as a new node; no
+    receipted message is lost, and what they held is delivered once afterwards."""
+    server = postgres.new_cluster()
+    started = []
+    try:
+        url = server.create_database()
+        for name in ("a", "b"):
+            started.append(BrokerProcess("--cluster", "--node-name", name, "--db", url,
+                                         "--lease-timeout", str(LEASE), "--heart-beat", "0,0"))
+        a, b = started
+        client = producer(a)
+        sent = [b"%d" % i for i in range(10)]
+        for body in sent:
+            client.request("SEND", {"destination": "/queue/jobs"}, body)
+        holders = [consumer(node, "jobs", prefetch=3) for node in (a, b)]
+        held = [holder.expect("MESSAGE").body for holder in holders for _ in range(3)]
+        assert len(set(held)) == 6
+        server.stop("immediate")
+        client.send("SEND", {"destination": "/queue/jobs", "receipt": "late"}, b"late")
+        time.sleep(LEASE + 1.0)         # down for longer than the lease: nothing to await
+        server.start()
+        for holder in holders:
+            holder.expect_error("cluster node lost its lease")
+        # The producer's connection is closed too, maybe after the late RECEIPT; the late
+        # SEND is stored either way (its batch was retried until the database came back).
+        frames = []
+        try:
+            while True:
+                frames.append(client.expect())
+        except AssertionError:          # closed
+            pass
+        assert frames[-1].command == "ERROR", frames
+        sent.append(b"late")
+        for node in (a, b):
+            node.wait_for_log(r"cluster lease lost")
+        worker = consumer(b, "jobs", prefetch=100)      # serving again
+        got = []
+        while not set(sent) <= set(got):
+            message = worker.expect("MESSAGE", timeout=LEASE + TIMEOUT)
+            got.append(message.body)
+            worker.send("ACK", {"id": message.headers["ack"]})
+        assert sorted(got) == sorted(sent)
+        assert count_msgs(worker, "jobs") == 0
+        nothing_more(worker)
+    finally:
+        for node in started:
+            node.stop(signal.SIGKILL)
+        server.destroy()

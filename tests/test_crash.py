@@ -886,7 +886,7 @@ def _check_ledger(seed, ledger, cycles, kinds, runs, final, left, logs, seconds,
         groups[key].add(body)
     stored_twice, dedup_lost = [], []
     for key, bodies in sorted(groups.items()):
-        seen = sorted(bodies & set(delivered))
+        seen = sorted(body for body in bodies if body in delivered)
         if len(seen) > 1:
             stored_twice.append((key, seen))
         elif not seen and bodies & ledger.receipted:
