@@ -719,6 +719,9 @@ REFILL_MAX = 4000
 REFILL_TOTAL = 32000
 QUEUE_BACKLOG = 256 * 1024       # bytes unwritten to a connection before queues skip it
 REFILL_RETRY = 1.0               # seconds before a failed refill is tried again
+# Seconds a cluster node waits before it looks again for a message that came back (NACK, ack
+# timeout) when only its last consumer here could take it: another node's consumer first.
+HAND_BACK_GRACE = 0.2
 
 
 class QueueSubscription(Subscription):
@@ -1121,13 +1124,38 @@ class Queues:
 
     def requeue(self, queue, message, previous):
         """Put a message that came back into its queue's buffer, if the queue is still active
-        (else it waits in storage for the next subscriber). A cluster node lets go of it:
-        whichever node has a consumer ready takes it (this one too, through its refill)."""
+        (else it waits in storage for the next subscriber); dispatch gives it to another
+        connection than `previous` if one can take it."""
         if self.cluster:
-            queue.release(message.seq)
-            self.storage.release([message.seq])
+            self._hand_back(queue, message, previous)
         elif self.queues.get(queue.name) is queue:
             heapq.heappush(queue.ready, (message.key, message, previous))
+
+    def _hand_back(self, queue, message, previous):
+        """requeue() on a cluster node: to another connection here that can take it, as on
+        one node; else the node lets go of it, for whichever node has a consumer ready. If
+        the only ones here that could take it are on `previous`, the other nodes go first:
+        this node looks for it again HAND_BACK_GRACE later."""
+        queue.release(message.seq)
+        if self.queues.get(queue.name) is not queue:
+            self.storage.release([message.seq])
+            return
+        others = last = False
+        for sub in queue.subs:
+            if _can_take(sub, queue):
+                if sub.conn is previous:
+                    last = True
+                else:
+                    others = True
+                    break
+        if others:
+            queue.make_ready(message, previous)     # still held
+            return
+        self.storage.release([message.seq], here=not last)
+        if last:
+            name, key = queue.name, message.key
+            self.clock.schedule(Timer(lambda: self.arrived({name: key})),
+                                time.monotonic() + HAND_BACK_GRACE)
 
     def redispatch(self, queue):
         """Dispatch, unless the queue has lost its subscribers (and its Queue) meanwhile."""
@@ -1269,10 +1297,13 @@ class Queues:
             if entry is None:
                 continue                # idle: its next subscriber finds them
             if entry.__class__ is not Queue:
-                if entry.queue is not None:
+                probe = entry.queue
+                if probe is not None and self.storage.pending(probe):
                     continue            # its probe rides in a later batch: it will see them
-                if key is None:
-                    entry.queue = self.storage.probe_async(name)    # cheap, for a million
+                if key is None or probe is not None:
+                    # Cheap, for a million. (A probe being applied may have looked before
+                    # them: another cluster node's, told while this node's batch is out.)
+                    entry.queue = self.storage.probe_async(name)
                     continue
             queue = self._queue(name)
             queue.rewind(key, self.storage.restart_load)
@@ -1304,16 +1335,17 @@ class Queues:
 
     # -- for the admin control destinations ----------------------------------------------------
 
-    def hand_over(self, name, below):
-        """A purge or move is about to take queue `name`'s stored messages with seqs below
-        `below`: those ready in memory leave it (the store has them), those in flight stay.
-        Returns the seqs in flight, for the store to leave alone."""
+    def hand_over(self, name, fresh):
+        """A purge or move is about to take queue `name`'s stored messages but those with
+        seqs in `fresh` (Storage.fresh_seqs): those ready in memory leave it (the store has
+        them), those in flight stay. Returns the seqs in flight, for the store to leave
+        alone."""
         queue = self.queues.get(name)
         if queue is None or queue.__class__ is not Queue:
             return set()
         ready = {entry[1].seq for entry in queue.ready}
         in_flight = (queue.held or set()) - ready
-        queue.ready = [entry for entry in queue.ready if entry[1].seq >= below]
+        queue.ready = [entry for entry in queue.ready if entry[1].seq in fresh]
         heapq.heapify(queue.ready)
         queue.held = in_flight | {entry[1].seq for entry in queue.ready}
         queue.rewind(None)          # what the store keeps is loaded again, in order
@@ -1830,9 +1862,9 @@ class Control:
     def purge(self, queue, frame):
         """Delete the queue's stored messages, but those in flight."""
         storage = self.broker.storage
-        below = storage.next_seq
-        keep = self.broker.queues.hand_over(queue, below)
-        purged = self._stored(storage.purge, queue, keep, below)
+        fresh = storage.fresh_seqs()
+        keep = self.broker.queues.hand_over(queue, fresh)
+        purged = self._stored(storage.purge, queue, keep, fresh)
         self._redispatch(queue)
         return {"num-purged": str(purged)}
 
@@ -1852,9 +1884,9 @@ class Control:
                 raise ProtocolError("max must be a non-negative integer, not %r" % limit[:30])
             limit = int(limit)
         storage = self.broker.storage
-        below = storage.next_seq
-        keep = self.broker.queues.hand_over(source, below)
-        moved = self._stored(storage.move, source, target, limit, keep, below)
+        fresh = storage.fresh_seqs()
+        keep = self.broker.queues.hand_over(source, fresh)
+        moved = self._stored(storage.move, source, target, limit, keep, fresh)
         self._redispatch(source)
         return {"num-moved": str(moved)}
 
@@ -2184,6 +2216,7 @@ class Broker:
         storage.on_probed = self.queues._probed
         storage.on_arrived = self.queues.arrived
         storage.on_topic = self._topic_from_node
+        storage.on_due = self.schedule.note_due
         self.queues.cluster = storage.backend.cluster
         self.clock.start()
         self.schedule.start()

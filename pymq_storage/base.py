@@ -56,6 +56,7 @@ and its effects may have been applied twice, the first time unseen).
 
 import bisect
 import logging
+import sys
 import time
 
 import gevent
@@ -286,18 +287,21 @@ class DeadLetter:
 class Move:
     """Move up to `limit` (None: all) messages of `source` with seq below `below` and not in
     `keep` to `target`, oldest first, fresh: no due time, no expiry, no deliveries, not a dead
-    letter. Result: how many."""
+    letter. Result: how many. `end` (a cluster node): the seqs from `below` up to `end` are
+    the ones left out, those this node may still give its messages (the other nodes' blocks
+    of seqs lie above or below)."""
 
-    __slots__ = ("source", "target", "limit", "keep", "below", "result")
+    __slots__ = ("source", "target", "limit", "keep", "below", "end", "result")
 
     callback = None
 
-    def __init__(self, source, target, limit, keep, below):
+    def __init__(self, source, target, limit, keep, below, end=None):
         self.source = source
         self.target = target
         self.limit = limit
         self.keep = keep
         self.below = below
+        self.end = end
         self.result = None
 
     def apply(self, backend):
@@ -306,16 +310,17 @@ class Move:
 
 class Purge:
     """Delete the messages of `queue` with seq below `below` and not in `keep`. Result: how
-    many."""
+    many. `end`: see Move."""
 
-    __slots__ = ("queue", "keep", "below", "result")
+    __slots__ = ("queue", "keep", "below", "end", "result")
 
     callback = None
 
-    def __init__(self, queue, keep, below):
+    def __init__(self, queue, keep, below, end=None):
         self.queue = queue
         self.keep = keep
         self.below = below
+        self.end = end
         self.result = None
 
     def apply(self, backend):
@@ -391,14 +396,16 @@ class Import:
 
 
 class Release:
-    """A cluster node lets go of messages it held (ClusterBackend): `seqs`."""
+    """A cluster node lets go of messages it held (ClusterBackend): `seqs`. Unless `here`,
+    only the other nodes are told (not this node's own on_arrived)."""
 
-    __slots__ = ("seqs", "result")
+    __slots__ = ("seqs", "here", "result")
 
     callback = None
 
-    def __init__(self, seqs):
+    def __init__(self, seqs, here=True):
         self.seqs = seqs
+        self.here = here
         self.result = None
 
     def apply(self, backend):
@@ -623,6 +630,9 @@ class Storage:
         self.on_fenced = None
         # Called as on_topic(topic, headers, body) for another cluster node's topic message.
         self.on_topic = None
+        # Called as on_due(due) when another cluster node stored a message that waits until
+        # `due` (epoch ms): whichever node is up then makes it ready.
+        self.on_due = None
         self._pending = Batch()
         self._deliveries = {}       # seq -> message: delivery counts held (count_delivery)
         self._wake = gevent.event.Event()
@@ -664,7 +674,7 @@ class Storage:
             raise
         self._committer = gevent.spawn(self._commit_loop)
         if self.backend.cluster:
-            self.backend.listen(self._notified, self._topic_notified)
+            self.backend.listen(self._notified, self._topic_notified, self._due_notified)
         return self
 
     def _call(self, function, *args):
@@ -806,9 +816,10 @@ class Storage:
             batch.notices = []
         batch.notices.append(notice)
 
-    def release(self, seqs):
-        """A cluster node lets go of messages it held: others may take them."""
-        self._use().ops.append(Release(seqs))
+    def release(self, seqs, here=True):
+        """A cluster node lets go of messages it held: others may take them; this node too
+        (its on_arrived says so) unless not `here`."""
+        self._use().ops.append(Release(seqs, here))
 
     def release_queue(self, queue):
         """A cluster node lets go of every message of `queue` it held."""
@@ -853,6 +864,10 @@ class Storage:
         if self.on_topic is not None:
             self._callback(self.on_topic, topic, headers, body)
 
+    def _due_notified(self, due):
+        if self.on_due is not None:
+            self._callback(self.on_due, due)
+
     def wait_for_budget(self, budget):
         """Block the caller while uncommitted inserts hold more than `budget` bytes."""
         while self.pending_bytes > budget:
@@ -866,13 +881,24 @@ class Storage:
         batch.wait()
         return op.result
 
-    def purge(self, queue, keep, below):
-        """Delete queue's messages with seq below `below` that are not in `keep`; how many."""
-        return self._run(Purge(queue, keep, below))
+    def purge(self, queue, keep, fresh):
+        """Delete queue's messages that are not in `keep` nor in `fresh` (fresh_seqs()); how
+        many."""
+        return self._run(Purge(queue, keep, fresh.start, self._end(fresh)))
 
-    def move(self, source, target, limit, keep, below):
+    def move(self, source, target, limit, keep, fresh):
         """Move up to `limit` of source's messages (see Move) to target; how many."""
-        return self._run(Move(source, target, limit, keep, below))
+        return self._run(Move(source, target, limit, keep, fresh.start, self._end(fresh)))
+
+    def fresh_seqs(self):
+        """The seqs that messages this broker creates from now on may have within the pending
+        batch: a purge or move asked for now must leave them alone. On one node every seq
+        from next_seq on; on a cluster node those of its block (the other nodes' blocks lie
+        above or below: their messages are the store's as committed)."""
+        return range(self._next_seq, self._reserved if self.backend.cluster else sys.maxsize)
+
+    def _end(self, fresh):
+        return fresh.stop if self.backend.cluster else None
 
     def import_messages(self, messages, ids):
         """Store messages from another broker (see Import) in the next batch, without
@@ -971,6 +997,10 @@ class Storage:
             return False
         load.after = after
         return True
+
+    def pending(self, batch):
+        """Whether `batch` has not been applied yet (nor is being applied)."""
+        return batch is self._pending
 
     def probe_async(self, name):
         """Ask whether queue `name` holds any ready message, without blocking and for the

@@ -260,13 +260,13 @@ class PostgreSQLBackend(Backend):
             (op.target, json.dumps(op.headers), op.seq, op.source))
         return self.cursor.rowcount == 1
 
-    def _chosen(self, queue, keep, below, limit):
+    def _chosen(self, queue, keep, below, limit, end=None):
         return ("SELECT seq FROM pymq_messages WHERE %s AND seq < %%(below)s "
                 "AND NOT (seq = ANY(%%(keep)s)) ORDER BY seq LIMIT %%(limit)s" % OF_QUEUE,
                 {"queue": queue, "below": below, "keep": sorted(keep), "limit": limit})
 
     def move(self, op):
-        chosen, params = self._chosen(op.source, op.keep, op.below, op.limit)
+        chosen, params = self._chosen(op.source, op.keep, op.below, op.limit, op.end)
         params["target"] = op.target
         self.cursor.execute(
             "UPDATE pymq_messages SET queue = %%(target)s, due = 0, expires = 0, "
@@ -275,16 +275,16 @@ class PostgreSQLBackend(Backend):
         return self.cursor.rowcount
 
     def purge(self, op):
-        chosen, params = self._chosen(op.queue, op.keep, op.below, None)
+        chosen, params = self._chosen(op.queue, op.keep, op.below, None, op.end)
         self.cursor.execute("DELETE FROM pymq_messages WHERE seq IN (%s)" % chosen, params)
         return self.cursor.rowcount
 
+    PROMOTE = ("UPDATE pymq_messages SET due = 0 WHERE seq IN (SELECT seq FROM pymq_messages "
+               "WHERE due > 0 AND due <= %s ORDER BY due LIMIT %s) RETURNING queue, priority, seq")
+
     def promote(self, op):
         cursor = self.cursor
-        cursor.execute(
-            "UPDATE pymq_messages SET due = 0 WHERE seq IN (SELECT seq FROM pymq_messages "
-            "WHERE due > 0 AND due <= %s ORDER BY due LIMIT %s) RETURNING queue, priority, seq",
-            (op.now, op.limit))
+        cursor.execute(self.PROMOTE, (op.now, op.limit))
         rows = cursor.fetchall()
         arrivals = {}
         for queue, priority, seq in rows:
@@ -448,9 +448,13 @@ class ClusterBackend(PostgreSQLBackend):
       a second).
     - After each batch, NOTIFY tells the other nodes in which queues messages became free to
       take (one notification per queue and batch, with the smallest key): their refills start
-      again from there (Storage.on_arrived). A node that finds another's lease ran out tells
-      everyone to look everywhere. A listener connection turns notifications into arrivals;
-      after it (re)connects, anything may have changed.
+      again from there (Storage.on_arrived); and the earliest due time it wrote, so that
+      whichever node is up then makes the message ready (Storage.on_due). A node that finds
+      another's lease ran out tells everyone to look everywhere. A listener connection turns
+      notifications into arrivals; after it (re)connects, anything may have changed.
+    - A node writes only what it holds (updates) or nobody live holds (dead letters, purges,
+      moves): one that lost its lease, or a sweep that found a message free just before
+      another node took it, must not write over that node's delivery.
     """
 
     cluster = True
@@ -462,6 +466,8 @@ class ClusterBackend(PostgreSQLBackend):
         self.node_id = None
         self.freed = {}             # queue -> smallest key freed in this batch; None: anywhere
         self._owned = None          # the batch's inserts this node holds
+        self.told = {}              # like freed, for the other nodes only (Release.here)
+        self.next_due = None        # the earliest due time the batch wrote (epoch ms)
         self._notices = itertools.count()
         self._listener = None
 
@@ -518,11 +524,19 @@ class ClusterBackend(PostgreSQLBackend):
         return super().apply(batch)
 
     def write(self, batch):
-        self.freed = {}
+        self.freed, self.told, self.next_due = {}, {}, None
         super().write(batch)
         batch.freed = ANYWHERE if self.freed is None else self.freed
-        notices = [self._queue_notice(None, None)] if self.freed is None else [
-            self._queue_notice(queue, key) for queue, key in self.freed.items()]
+        if self.freed is None:
+            notices = [self._queue_notice(None, None)]
+        else:
+            everywhere = dict(self.freed)
+            for queue, key in self.told.items():
+                _arrive(everywhere, queue, key)
+            notices = [self._queue_notice(queue, key) for queue, key in everywhere.items()]
+        if self.next_due is not None:
+            # The node that wrote it may be gone by then: every node learns when.
+            notices.append(json.dumps({"n": self.node_id, "d": self.next_due}))
         if batch.notices:
             notices.extend(batch.notices)
         if notices:
@@ -546,10 +560,16 @@ class ClusterBackend(PostgreSQLBackend):
                                % (NOTICE_MAX * 3 // 4 - 100, len(body)))
         return notice
 
-    def _free(self, queue, key):
-        """Messages of `queue` from `key` on (None: anywhere) became free to take."""
+    def _free(self, queue, key, here=True):
+        """Messages of `queue` from `key` on (None: anywhere) became free to take; unless
+        `here`, only the other nodes are told."""
         if self.freed is not None:
-            _arrive(self.freed, queue, key)
+            _arrive(self.freed if here else self.told, queue, key)
+
+    def _waits(self, due):
+        """The batch writes a message that waits until `due` (epoch ms; 0: it does not)."""
+        if due and (self.next_due is None or due < self.next_due):
+            self.next_due = due
 
     def _rows(self, messages):
         """The rows of the inserts, with their owner: this node for one it delivers at once
@@ -565,6 +585,7 @@ class ClusterBackend(PostgreSQLBackend):
                          m.body, due, m.expires, m.deliveries, m.dead_letter, owner))
             if owner is None and not due:
                 self._free(m.queue, m.key)
+            self._waits(due)
         return rows
 
     def update(self, messages):
@@ -573,12 +594,14 @@ class ClusterBackend(PostgreSQLBackend):
         due (a back-off) is let go: it is whichever node's that is free then. One statement,
         each message read once (see _rows)."""
         from psycopg2.extras import execute_values
+        rows = [(m.seq, m.deliveries, m.due) for m in messages]
         execute_values(
             self.cursor, "UPDATE pymq_messages AS m SET deliveries = v.deliveries, due = v.due, "
                          "owner = CASE WHEN v.due > 0 THEN NULL ELSE m.owner END FROM (VALUES %s) "
                          "AS v (seq, deliveries, due) WHERE m.seq = v.seq AND m.owner = "
-                         + str(int(self.node_id)),
-            [(m.seq, m.deliveries, m.due) for m in messages], page_size=1000)
+                         + str(int(self.node_id)), rows, page_size=1000)
+        for row in rows:
+            self._waits(row[2])
 
     def dead_letter(self, op):
         # Not one another live node holds: a sweep found it free, then that node took it (and
@@ -592,11 +615,13 @@ class ClusterBackend(PostgreSQLBackend):
             self._free(op.target, (-op.priority, op.seq))
         return moved
 
-    def _chosen(self, queue, keep, below, limit):
-        # Not what another live node holds: it is in flight there.
+    def _chosen(self, queue, keep, below, limit, end=None):
+        # Not what another live node holds: it is in flight there. The seqs this node may
+        # still give (below to end) are left out, not all above: other nodes' blocks are.
         sql, params = super()._chosen(queue, keep, below, limit)
-        sql = sql.replace("ORDER BY seq", "AND " + FREE + " ORDER BY seq")
-        params.update(self.params())
+        sql = sql.replace("seq < %(below)s", "(seq < %(below)s OR seq >= %(end)s)").replace(
+            "ORDER BY seq", "AND " + FREE + " ORDER BY seq")
+        params.update(self.params(end=end))
         return sql, params
 
     def move(self, op):
@@ -604,6 +629,9 @@ class ClusterBackend(PostgreSQLBackend):
         if moved:
             self._free(op.target, None)
         return moved
+
+    # Nodes promoting at once (each knows the due time) take each message once.
+    PROMOTE = PostgreSQLBackend.PROMOTE.replace("LIMIT %s)", "LIMIT %s FOR UPDATE SKIP LOCKED)")
 
     def promote(self, op):
         result = super().promote(op)
@@ -617,7 +645,7 @@ class ClusterBackend(PostgreSQLBackend):
                             "owner = %s RETURNING queue, priority, seq",
                             (sorted(op.seqs), self.node_id))
         for queue, priority, seq in self.cursor.fetchall():
-            self._free(queue, (-priority, seq))
+            self._free(queue, (-priority, seq), op.here)
 
     def release_queue(self, op):
         self.cursor.execute("UPDATE pymq_messages SET owner = NULL WHERE queue = %s AND "
@@ -705,13 +733,14 @@ class ClusterBackend(PostgreSQLBackend):
 
     # -- notifications ---------------------------------------------------------------------------
 
-    def listen(self, on_notified, on_topic):
+    def listen(self, on_notified, on_topic, on_due):
         """LISTEN (before the node serves: nothing sent to it after that is missed), then a
         greenlet turns the other nodes' notifications into on_notified({queue: key}) calls
-        (on_notified(None): look everywhere) and on_topic(topic, headers, body) calls."""
+        (on_notified(None): look everywhere), on_topic(topic, headers, body) calls and
+        on_due(due) calls (a message waits until `due`, epoch ms; 0: look when)."""
         import gevent
         self._listener = gevent.spawn(self._listen_loop, self._listening(), on_notified,
-                                      on_topic)
+                                      on_topic, on_due)
 
     def _listening(self):
         db = self._connect()
@@ -720,7 +749,7 @@ class ClusterBackend(PostgreSQLBackend):
             cursor.execute("LISTEN " + CHANNEL)
         return db
 
-    def _listen_loop(self, db, on_notified, on_topic):
+    def _listen_loop(self, db, on_notified, on_topic, on_due):
         import gevent
         import gevent.socket
         delay = 0.1
@@ -729,17 +758,20 @@ class ClusterBackend(PostgreSQLBackend):
                 if db is None:
                     db = self._listening()
                     on_notified(None)       # what was notified meanwhile is lost
+                    on_due(0)
                     delay = 0.1
                 while True:
                     gevent.socket.wait_read(db.fileno())
                     db.poll()
-                    arrivals = {}
+                    arrivals, due = {}, None
                     while db.notifies:
                         notice = json.loads(db.notifies.pop(0).payload)
                         if notice["n"] == self.node_id:
                             continue
                         if "t" in notice:
                             on_topic(notice["t"], notice["h"], base64.b64decode(notice["b"]))
+                        elif "d" in notice:
+                            due = notice["d"] if due is None else min(due, notice["d"])
                         elif notice["q"] is None:
                             arrivals = None
                         elif arrivals is not None:
@@ -747,6 +779,8 @@ class ClusterBackend(PostgreSQLBackend):
                             _arrive(arrivals, notice["q"], tuple(key) if key else None)
                     if arrivals is None or arrivals:
                         on_notified(arrivals)
+                    if due is not None:
+                        on_due(due)
             except gevent.GreenletExit:
                 raise
             except Exception as error:

@@ -287,3 +287,222 @@ def test_count_subscribers_answers_for_the_whole_cluster(nodes):
     b.proc.kill()                                   # b's remaining ones go with it
     assert eventually(lambda: count("/queue/jobs"), 1, LEASE + TIMEOUT) == 1
     assert eventually(lambda: count("/topic/news.sport"), 2) == 2
+
+
+# -- task queues across nodes -------------------------------------------------------------------
+
+def producer(node):
+    client = RawClient(node.address)
+    client.connect("1.2")
+    return client
+
+
+def taken_on(node, headers, body):
+    """A message SENT to `node` and delivered to a consumer there (prefetch 1): (producer,
+    consumer, MESSAGE)."""
+    client = producer(node)
+    client.request("SEND", dict(headers, destination="/queue/jobs"), body)
+    worker = consumer(node, "jobs", prefetch=1)
+    return client, worker, worker.expect("MESSAGE")
+
+
+def nothing_more(client, seconds=1.0):
+    """No frame arrives on `client` within `seconds` (polling: nothing to wait for)."""
+    client.sock.settimeout(seconds)
+    with pytest.raises(socket.timeout):
+        client.sock.recv(1)
+
+
+@pytest.mark.parametrize("sender", ["alive", "killed"])
+def test_a_delayed_message_sent_to_one_node_is_delivered_on_another_when_due(nodes, sender):
+    a, b = nodes(2)
+    worker = consumer(b, "later")
+    client = producer(a)
+    due = int(time.time() * 1000) + 1500
+    client.request("SEND", {"destination": "/queue/later", "deliver-at": str(due)}, b"at")
+    client.request("SEND", {"destination": "/queue/later", "delay": "1000"}, b"delayed")
+    if sender == "killed":
+        a.proc.kill()           # the node that knew when: another must make them ready
+    first = worker.expect("MESSAGE", timeout=TIMEOUT)
+    assert first.body == b"delayed"
+    second = worker.expect("MESSAGE", timeout=TIMEOUT)
+    assert time.time() * 1000 >= due
+    assert second.body == b"at" and "redelivered" not in second.headers
+
+
+def test_expired_messages_are_dead_lettered_once_with_every_node_sweeping(nodes):
+    a, b, c = nodes(3)
+    client = producer(a)
+    sent = [b"%d" % i for i in range(30)]
+    for body in sent:
+        client.request("SEND", {"destination": "/queue/brief", "ttl": "100"}, body)
+    # Nobody consumes them: every node's sweep finds them expired, one moves each.
+    dead = consumer(b, "DLQ.brief", prefetch=100)
+    got = [dead.expect("MESSAGE", timeout=TIMEOUT) for _ in sent]
+    assert sorted(m.body for m in got) == sorted(sent)
+    assert {m.headers["dead-letter-reason"] for m in got} == {"expired"}
+    for message in got:
+        dead.request("ACK", {"id": message.headers["ack"]})
+    nothing_more(dead, 2.0)             # two sweeps later: none dead-lettered twice
+    assert count_msgs(client, "brief") == 0
+    assert count_msgs(client, "DLQ.brief") == 0
+
+
+def test_one_dedup_id_sent_to_two_nodes_stores_one_message(nodes):
+    a, b = nodes(2)
+    on_a, on_b = producer(a), producer(b)
+    for i in range(20):             # both at once, each to its node
+        headers = {"destination": "/queue/once", "dedup-id": "k%d" % i}
+        on_a.send("SEND", dict(headers, receipt="a%d" % i), b"a%d" % i)
+        on_b.send("SEND", dict(headers, receipt="b%d" % i), b"b%d" % i)
+    for client in (on_a, on_b):
+        for _ in range(20):
+            client.expect("RECEIPT")
+    on_b.request("SEND", {"destination": "/queue/once", "dedup-id": "k0"}, b"again")
+    assert count_msgs(on_a, "once") == 20
+    worker = consumer(b, "once", prefetch=100)
+    got = [worker.expect("MESSAGE") for _ in range(20)]
+    assert sorted(int(m.body[1:]) for m in got) == list(range(20))      # one per key
+    for message in got:
+        worker.send("ACK", {"id": message.headers["ack"]})
+    assert count_msgs(worker, "once") == 0
+
+
+def test_max_redeliveries_reached_by_nacks_on_two_nodes_dead_letters_once(nodes):
+    a, b = nodes(2)
+    client, first, message = taken_on(a, {"max-redeliveries": "1"}, b"poison")
+    first.send("NACK", {"id": message.headers["ack"]})
+    first.request("DISCONNECT")
+    second = consumer(b, "jobs")
+    message = second.expect("MESSAGE")
+    assert message.headers.get("redelivery-count") == "1"
+    second.send("NACK", {"id": message.headers["ack"]})     # the second delivery's: the last
+    dead = consumer(a, "DLQ.jobs")
+    letter = dead.expect("MESSAGE")
+    assert letter.body == b"poison"
+    assert letter.headers["dead-letter-reason"] == "max-redeliveries"
+    assert letter.headers["original-redelivery-count"] == "1"
+    dead.request("ACK", {"id": letter.headers["ack"]})
+    assert count_msgs(client, "jobs") == 0 and count_msgs(client, "DLQ.jobs") == 0
+    nothing_more(second)
+    nothing_more(dead)
+
+
+def test_a_nack_requeue_false_on_another_node_dead_letters_it(nodes):
+    a, b = nodes(2)
+    client = producer(a)
+    client.request("SEND", {"destination": "/queue/jobs"}, b"bad")
+    worker = consumer(b, "jobs")
+    message = worker.expect("MESSAGE")
+    worker.send("NACK", {"id": message.headers["ack"], "requeue": "false"})
+    dead = consumer(a, "DLQ.jobs")
+    letter = dead.expect("MESSAGE")
+    assert letter.headers["dead-letter-reason"] == "rejected"
+    assert letter.headers["original-destination"] == "/queue/jobs"
+    assert count_msgs(client, "jobs") == 0
+    nothing_more(worker)
+
+
+@pytest.mark.parametrize("control", ["purge", "move"])
+def test_purge_and_move_from_one_node_leave_what_another_has_in_flight(nodes, control):
+    a, b = nodes(2)
+    client = producer(b)            # stored by b: ids of b's block, above a's
+    for i in range(10):
+        client.request("SEND", {"destination": "/queue/jobs"}, b"%d" % i)
+    holder = consumer(b, "jobs", prefetch=3)        # takes three, ACKs none yet
+    held = [holder.expect("MESSAGE") for _ in range(3)]
+    admin = producer(a)
+    if control == "purge":
+        answer = admin.request("SEND", {"destination": "/control/purge/queue/jobs"})
+        assert answer.headers["num-purged"] == "7"
+    else:
+        answer = admin.request("SEND", {"destination": "/control/move/queue/jobs",
+                                        "to": "/queue/other"})
+        assert answer.headers["num-moved"] == "7"
+        assert count_msgs(admin, "other") == 7
+    assert count_msgs(admin, "jobs") == 3
+    holder.send("NACK", {"id": held[0].headers["ack"]})    # what b held is still there
+    again = holder.expect("MESSAGE")
+    assert again.body == held[0].body and again.headers["redelivered"] == "true"
+    for message in [again] + held[1:]:
+        holder.request("ACK", {"id": message.headers["ack"]})
+    assert count_msgs(admin, "jobs") == 0
+    nothing_more(holder)
+
+
+def test_touch_on_the_node_of_the_message_and_an_ack_timeout_hands_it_to_another(nodes):
+    a, b = nodes(2)
+    client, slow, message = taken_on(a, {"ack-timeout": "1"}, b"long job")
+    ack = message.headers["ack"]
+    other = consumer(b, "jobs")
+    for elsewhere in (client, other):           # not in flight on these connections
+        answer = elsewhere.request("SEND", {"destination": "/control/touch", "ack": ack})
+        assert answer.headers["touched"] == "false"
+    answer = slow.request("SEND", {"destination": "/control/touch", "ack": ack,
+                                   "ack-timeout": "2"})
+    touched = time.monotonic()
+    assert answer.headers["touched"] == "true"
+    # Its last consumer still has room, but the message goes to another one first: b's.
+    again = other.expect("MESSAGE", timeout=TIMEOUT)
+    assert time.monotonic() - touched > 1.9         # the touched timeout, not the first one
+    assert again.body == b"long job"
+    assert again.headers["redelivered"] == "true"
+    other.request("ACK", {"id": again.headers["ack"]})
+    assert count_msgs(client, "jobs") == 0
+    nothing_more(slow)
+
+
+# -- a node cut off from the database ------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_nodes_cut_off_from_the_database_past_their_lease_fence_themselves_and_serve_again():
+    """The database server stops for longer than the lease (pg_ctl stop -m immediate: every
+    connection cut) and starts again: the nodes' leases ran out meanwhile, so each one tells
+    its clients (ERROR "cluster node lost its lease") and serves again as a new node; no
+    receipted message is lost, and what they held is delivered once afterwards."""
+    server = postgres.new_cluster()
+    started = []
+    try:
+        url = server.create_database()
+        for name in ("a", "b"):
+            started.append(BrokerProcess("--cluster", "--node-name", name, "--db", url,
+                                         "--lease-timeout", str(LEASE), "--heart-beat", "0,0"))
+        a, b = started
+        client = producer(a)
+        sent = [b"%d" % i for i in range(10)]
+        for body in sent:
+            client.request("SEND", {"destination": "/queue/jobs"}, body)
+        holders = [consumer(node, "jobs", prefetch=3) for node in (a, b)]
+        held = [holder.expect("MESSAGE").body for holder in holders for _ in range(3)]
+        assert len(set(held)) == 6
+        server.stop("immediate")
+        client.send("SEND", {"destination": "/queue/jobs", "receipt": "late"}, b"late")
+        time.sleep(LEASE + 1.0)         # down for longer than the lease: nothing to await
+        server.start()
+        for holder in holders:
+            holder.expect_error("cluster node lost its lease")
+        # The producer's connection is closed too, maybe after the late RECEIPT; the late
+        # SEND is stored either way (its batch was retried until the database came back).
+        frames = []
+        try:
+            while True:
+                frames.append(client.expect())
+        except AssertionError:          # closed
+            pass
+        assert frames[-1].command == "ERROR", frames
+        sent.append(b"late")
+        for node in (a, b):
+            node.wait_for_log(r"cluster lease lost")
+        worker = consumer(b, "jobs", prefetch=100)      # serving again
+        got = []
+        while not set(sent) <= set(got):
+            message = worker.expect("MESSAGE", timeout=LEASE + TIMEOUT)
+            got.append(message.body)
+            worker.send("ACK", {"id": message.headers["ack"]})
+        assert sorted(got) == sorted(sent)
+        assert count_msgs(worker, "jobs") == 0
+        nothing_more(worker)
+    finally:
+        for node in started:
+            node.stop(signal.SIGKILL)
+        server.destroy()

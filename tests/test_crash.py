@@ -869,10 +869,13 @@ def _check_ledger(seed, ledger, cycles, kinds, runs, final, left, logs, seconds,
     dropped = collections.defaultdict(list)     # run -> ticks at which it let go of all
     for tick, run, _ in ledger.drops:
         dropped[run].append(tick)
+    deliveries_of = collections.defaultdict(list)
+    for d in deliveries:
+        deliveries_of[d.body].append(d)
     for run, body, tick, due in ledger.nacks:
         if run in ledger.failed_runs:
             continue
-        after = [d for d in deliveries if d.body == body and d.tick > tick]
+        after = [d for d in deliveries_of[body] if d.tick > tick]
         if after and after[0].wall < due and not any(
                 tick < drop < after[0].tick for drop in dropped[run]):
             early.append((body, "NACK", round(due - after[0].wall, 1)))
@@ -883,7 +886,7 @@ def _check_ledger(seed, ledger, cycles, kinds, runs, final, left, logs, seconds,
         groups[key].add(body)
     stored_twice, dedup_lost = [], []
     for key, bodies in sorted(groups.items()):
-        seen = sorted(bodies & set(delivered))
+        seen = sorted(body for body in bodies if body in delivered)
         if len(seen) > 1:
             stored_twice.append((key, seen))
         elif not seen and bodies & ledger.receipted:
