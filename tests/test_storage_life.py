@@ -250,29 +250,29 @@ def test_move_takes_the_oldest_first_within_limit_and_keeps_what_it_is_told(stor
     moved = [save(store, "DLQ.jobs", priority=p, expires=now + 100000) for p in (1, 9, 4, 4)]
     delayed = save(store, "DLQ.jobs", due=now + 60000)
     kept = save(store, "DLQ.jobs")
-    below = store.next_seq
+    fresh = store.fresh_seqs()
     newer = save(store, "DLQ.jobs")
-    count_ = within(store.move, "DLQ.jobs", "jobs", 3, {moved[1].seq}, below)
+    count_ = within(store.move, "DLQ.jobs", "jobs", 3, {moved[1].seq}, fresh)
     assert count_ == 3
     assert store.arrivals[-1] == {"jobs": None}
     assert set(seqs(load(store, "jobs"))) == {moved[0].seq, moved[2].seq, moved[3].seq}
-    count_ = within(store.move, "DLQ.jobs", "jobs", None, {moved[1].seq, kept.seq}, below)
+    count_ = within(store.move, "DLQ.jobs", "jobs", None, {moved[1].seq, kept.seq}, fresh)
     assert count_ == 1                      # the delayed one, now ready
     assert {m.seq for m in load(store, "jobs")} == {m.seq for m in moved
                                                     if m is not moved[1]} | {delayed.seq}
     assert all(m.due == 0 and m.expires == 0 and not m.dead_letter for m in load(store, "jobs"))
     assert set(seqs(load(store, "DLQ.jobs"))) == {moved[1].seq, kept.seq, newer.seq}
-    assert within(store.move, "empty", "jobs", None, set(), store.next_seq) == 0
+    assert within(store.move, "empty", "jobs", None, set(), store.fresh_seqs()) == 0
 
 
 def test_purge_deletes_all_but_what_it_keeps_and_what_came_after(store):
     doomed = [save(store, priority=p) for p in (0, 9)]
     delayed = save(store, due=now_ms() + 60000)
     kept = save(store)
-    below = store.next_seq
+    fresh = store.fresh_seqs()
     newer = save(store)
     save(store, "other")
-    assert within(store.purge, "q", {kept.seq}, below) == len(doomed) + 1
+    assert within(store.purge, "q", {kept.seq}, fresh) == len(doomed) + 1
     assert seqs(load(store)) == [kept.seq, newer.seq]
     assert delayed.seq not in seqs(expired(store, now_ms() + 10**9))
     assert counts(store) == (2, 0)
