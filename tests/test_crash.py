@@ -865,10 +865,11 @@ def _check_ledger(seed, ledger, cycles, kinds, runs, final, left, logs, seconds,
     early = sorted((d.body, round(ledger.not_before[d.body] - d.wall, 1)) for d in deliveries
                    if d.body in ledger.not_before and d.wall < ledger.not_before[d.body])
     #    In a cluster another node may redeliver it: the NACKing node writes the due time
-    #    before it lets go of the message.
-    dropped = collections.defaultdict(list)     # run -> ticks at which it let go of all
+    #    before it lets go of the message; unless that node was killed or fenced before the
+    #    redelivery (a NACK read after the kill was never sent).
+    dropped = {}                # run -> the tick at which it first let go of all it held
     for tick, run, _ in ledger.drops:
-        dropped[run].append(tick)
+        dropped.setdefault(run, tick)
     deliveries_of = collections.defaultdict(list)
     for d in deliveries:
         deliveries_of[d.body].append(d)
@@ -876,8 +877,7 @@ def _check_ledger(seed, ledger, cycles, kinds, runs, final, left, logs, seconds,
         if run in ledger.failed_runs:
             continue
         after = [d for d in deliveries_of[body] if d.tick > tick]
-        if after and after[0].wall < due and not any(
-                tick < drop < after[0].tick for drop in dropped[run]):
+        if after and after[0].wall < due and dropped.get(run, after[0].tick) >= after[0].tick:
             early.append((body, "NACK", round(due - after[0].wall, 1)))
     # 6. No dedup-id is forgotten within its window: of the SENDs with one key to one queue,
     #    one at most is ever delivered, and one is if any was receipted.
