@@ -2936,10 +2936,16 @@ class WebSocketStream:
 
     def __init__(self, raw, ws, max_message):
         import wsproto.events as ws_events
+        from wsproto.connection import ConnectionState
+        from wsproto.utilities import LocalProtocolError
         self.raw = raw                  # the gevent socket, plain or TLS
         self.ws = ws
         self.max_message = max_message
+        # wsproto's names, looked up once rather than per message (imported here: only a
+        # WebSocket listener needs wsproto)
         self._events = ws_events
+        self._remote_closing = ConnectionState.REMOTE_CLOSING
+        self._closed_error = LocalProtocolError
         self._in = bytearray()          # received, not yet read
         self._eof = False
         self._lock = gevent.lock.Semaphore()    # the reader's pongs and the writer's messages
@@ -2977,7 +2983,7 @@ class WebSocketStream:
             elif isinstance(event, events.Ping):
                 self._send(event.response())
             elif isinstance(event, events.CloseConnection):
-                if self.ws.state is self._closing_state():
+                if self.ws.state is self._remote_closing:
                     self._send(event.response())       # the peer closed: answer, and done
                     self._eof = True
                 else:
@@ -2991,10 +2997,6 @@ class WebSocketStream:
         header = getattr(decoder, "header", None)
         return getattr(header, "payload_len", 0) or 0
 
-    def _closing_state(self):
-        import wsproto.connection
-        return wsproto.connection.ConnectionState.REMOTE_CLOSING
-
     def _close(self, code, reason):
         self._eof = True
         try:
@@ -3003,11 +3005,10 @@ class WebSocketStream:
             pass
 
     def _send(self, event):
-        from wsproto.utilities import LocalProtocolError
         with self._lock:
             try:
                 data = self.ws.send(event)
-            except LocalProtocolError as error:        # closed already
+            except self._closed_error as error:        # closed already
                 raise BrokenPipeError(str(error))
             self.raw.sendall(data)
 
