@@ -20,7 +20,9 @@ server would have it) or uses --db URL, and N nodes `python pymq.py --cluster --
   node at the same time, each with its own queues (its own --prefix) on its own node, with the
   ARGS given; prints each summary line and the sums of msgs_per_s and broker CPU per message.
   Messages there mostly take a node's local path (a consumer of the node is ready); what the
-  nodes share is the database, its commits and the claims.
+  nodes share is the database, its commits and the claims. Also printed, from PostgreSQL:
+  its CPU (the server's processes, when it runs on this machine), transactions committed and
+  rows written per message: the costs bench/README's scaling estimate is made of.
 
 Prints `# ` lines for people and one `key=value` summary line.
 """
@@ -139,9 +141,54 @@ def failover(url, options):
                                         percentile(firsts, 0.5), max(firsts), max(alls)))
 
 
+def server_cpu(data_dir):
+    """CPU seconds of a local PostgreSQL server: its postmaster and the processes it forked
+    (backends, WAL writer, checkpointer...), read from /proc. None without a data directory."""
+    if data_dir is None:
+        return None
+    with open(os.path.join(data_dir, "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                            # gone meanwhile
+        if int(entry) == postmaster or int(fields[1]) == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def database_activity(url):
+    """(transactions committed, rows inserted + updated + deleted) of the bench database, once
+    no other session is connected to it: a backend adds its counts to these when it is idle
+    (at most once a second) and when it exits, so they are whole only then."""
+    import psycopg2
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        conn.autocommit = True
+        deadline = time.monotonic() + 30
+        while True:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                        "current_database() AND pid <> pg_backend_pid()")
+            if cur.fetchone()[0] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)        # the nodes' backends exiting: nothing to wait on
+        cur.execute("SELECT xact_commit, tup_inserted + tup_updated + tup_deleted "
+                    "FROM pg_stat_database WHERE datname = current_database()")
+        commits, rows = cur.fetchone()
+    conn.close()
+    return commits, rows
+
+
 def run_stompbench(url, options):
+    activity0 = database_activity(url)      # from before the nodes start: their start-up counts
     nodes = start_nodes(url, options.nodes, options.lease_timeout)
     try:
+        pg0 = server_cpu(options.data_dir)
         cpu0 = [broker_stats(proc.pid)[1] for proc, _ in nodes]
         runs = []
         for i, (proc, port) in enumerate(nodes):
@@ -151,8 +198,10 @@ def run_stompbench(url, options):
                                          text=True))
         outputs = [run.communicate()[0] for run in runs]
         cpu1 = [broker_stats(proc.pid)[1] for proc, _ in nodes]
+        pg1 = server_cpu(options.data_dir)
     finally:
         stop_nodes(nodes)
+    activity1 = database_activity(url)
     total, messages, ok = 0.0, 0, True
     for i, output in enumerate(outputs):
         summary = [line for line in output.splitlines() if "status=" in line
@@ -164,10 +213,14 @@ def run_stompbench(url, options):
         total += float(fields.get("msgs_per_s", 0))
         messages += int(fields.get("delivered", fields.get("msgs", 0)) or 0)
     cpu = sum(b - a for a, b in zip(cpu0, cpu1))
+    per = 1.0 / messages if messages else 0.0
+    commits, rows = activity1[0] - activity0[0], activity1[1] - activity0[1]
+    pg = "pg_cpu_us_per_msg=%.1f " % (1e6 * (pg1 - pg0) * per) if pg0 is not None else ""
     print("scenario=stompbench nodes=%d msgs_per_s_total=%.0f broker_cpu_s=%.2f "
-          "broker_cpu_us_per_msg=%.1f status=%s"
-          % (len(nodes), total, cpu, 1e6 * cpu / messages if messages else 0.0,
-             "ok" if ok else "FAILED"))
+          "broker_cpu_us_per_msg=%.1f %scommits_per_msg=%.2f rows_per_msg=%.2f "
+          "rows_per_commit=%.1f status=%s"
+          % (len(nodes), total, cpu, 1e6 * cpu * per, pg, commits * per, rows * per,
+             rows / commits if commits else 0.0, "ok" if ok else "FAILED"))
 
 
 def main():
@@ -184,11 +237,11 @@ def main():
     options.args = argv[split + 1:]         # stompbench's arguments
     server = None
     try:
-        url = options.db
+        url, options.data_dir = options.db, None
         if url is None:
             import postgres
             server = postgres.new_cluster(fsync=True)
-            url = server.create_database("bench")
+            url, options.data_dir = server.create_database("bench"), server.data
         {"latency": latency, "failover": failover,
          "stompbench": run_stompbench}[options.scenario](url, options)
     finally:

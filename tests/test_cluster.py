@@ -3,10 +3,13 @@ goes to one consumer in the whole cluster at a time, a dead or paused node's mes
 the others' consumers. Nodes are real processes (kill -9, SIGSTOP), the database is the tests'
 throwaway PostgreSQL."""
 
+import os
+import re
 import signal
 import socket
 import threading
 import time
+import urllib.parse
 
 import pytest
 
@@ -15,6 +18,11 @@ from conftest import TIMEOUT, BrokerProcess, RawClient, count_msgs
 from test_cli import run_pymq
 
 LEASE = 2.0         # --lease-timeout of the test nodes: failover within seconds
+
+
+def node_process(name, url, *args):
+    return BrokerProcess("--cluster", "--node-name", name, "--db", url,
+                         "--lease-timeout", str(LEASE), "--heart-beat", "0,0", *args)
 
 
 @pytest.fixture
@@ -26,9 +34,7 @@ def nodes():
     def start(count, *args):
         url = postgres.fresh_database_url()
         for i in range(count):
-            started.append(BrokerProcess("--cluster", "--node-name", "node%d" % i, "--db", url,
-                                         "--lease-timeout", str(LEASE), "--heart-beat", "0,0",
-                                         *args))
+            started.append(node_process("node%d" % i, url, *args))
         return started[-count:]
 
     yield start
@@ -465,8 +471,7 @@ def test_nodes_cut_off_from_the_database_past_their_lease_fence_themselves_and_s
     try:
         url = server.create_database()
         for name in ("a", "b"):
-            started.append(BrokerProcess("--cluster", "--node-name", name, "--db", url,
-                                         "--lease-timeout", str(LEASE), "--heart-beat", "0,0"))
+            started.append(node_process(name, url))
         a, b = started
         client = producer(a)
         sent = [b"%d" % i for i in range(10)]
@@ -506,3 +511,148 @@ def test_nodes_cut_off_from_the_database_past_their_lease_fence_themselves_and_s
         for node in started:
             node.stop(signal.SIGKILL)
         server.destroy()
+
+
+
+def test_a_peek_from_one_node_s_console_leaves_the_messages_to_any_node(nodes):
+    """The console's peek reads the store without claiming: node b's consumer gets the
+    messages peeked on node a at once, not after a lease."""
+    import json
+    import urllib.request
+    a, b = nodes(2, "--http-port", "0")
+    pattern = r"metrics and health on (http://\S+:\d+/)"
+    found = [re.search(pattern, line) for line in a.log]
+    base = next((m for m in found if m), None) or a.wait_for_log(pattern)
+    client = producer(a)
+    for i in range(3):
+        client.request("SEND", {"destination": "/queue/jobs"}, b"%d" % i)
+    with urllib.request.urlopen(base.group(1) + "api/queue?name=jobs&peek=10",
+                                timeout=TIMEOUT) as response:
+        peeked = json.load(response)["messages"]
+    assert [m["body"] for m in peeked] == ["0", "1", "2"]
+    worker = consumer(b, "jobs")
+    for i in range(3):
+        message = worker.expect("MESSAGE")
+        assert message.body == b"%d" % i and "redelivered" not in message.headers
+
+
+# -- one node cut off from the database, the others not ---------------------------------------
+
+class DatabaseLink:
+    """A TCP proxy in front of the test PostgreSQL's socket, for one node: partition() holds
+    every byte in both directions with the connections left open (a network partition: the
+    node's queries hang), cut() closes them and refuses new ones (a link that fails loudly);
+    heal() lets everything through again."""
+
+    def __init__(self, url):
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+        self.target = os.path.join(query["host"], ".s.PGSQL.%s" % query["port"])
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "postgresql://%s@127.0.0.1:%d%s" % (
+            query["user"], self.listener.getsockname()[1], urllib.parse.urlsplit(url).path)
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.refusing = False
+        self.sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return                          # closed
+            if self.refusing:
+                client.close()
+                continue
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(self.target)
+            self.sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                self.flowing.wait()
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def partition(self):
+        self.flowing.clear()
+
+    def cut(self):
+        self.refusing = True
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.sockets = []
+
+    def heal(self):
+        self.refusing = False
+        self.flowing.set()
+
+    def close(self):
+        self.heal()
+        self.listener.close()
+        self.cut()
+
+
+@pytest.mark.parametrize("fault", ["partition", "cut"])
+def test_a_node_cut_off_alone_delivers_nothing_another_took_and_serves_again(fault):
+    """Node a reaches the database through a link that fails (its queries hang, or its
+    connections drop), node b directly: b's consumer gets what a held once a's lease ran out,
+    marked redelivered; a delivers nothing meanwhile, not even a message its own consumer
+    NACKs; when the link is back, a finds its lease gone, tells its clients and serves again.
+    Every message is consumed, none lost."""
+    url = postgres.fresh_database_url()
+    link = DatabaseLink(url)
+    started = []
+    try:
+        for name, db in (("a", link.url), ("b", url)):
+            started.append(node_process(name, db))
+        a, b = started
+        client = producer(b)
+        sent = [b"%d" % i for i in range(6)]
+        for body in sent:
+            client.request("SEND", {"destination": "/queue/jobs"}, body)
+        worker = consumer(a, "jobs", prefetch=3)
+        held = [worker.expect("MESSAGE") for _ in range(3)]
+        getattr(link, fault)()
+        survivor = consumer(b, "jobs", prefetch=100)
+        got = []
+        while len(got) < len(sent):
+            message = survivor.expect("MESSAGE", timeout=LEASE + TIMEOUT)
+            got.append(message.body)
+            survivor.send("ACK", {"id": message.headers["ack"]})
+            if message.body in {m.body for m in held}:
+                assert message.headers.get("redelivered") == "true", message
+        assert sorted(got) == sorted(sent)          # a's three included, each once
+        # a's lease has run out (b took its messages): what a's consumer gives back, a keeps.
+        worker.send("NACK", {"id": held[0].headers["ack"]})
+        nothing_more(worker)
+        link.heal()
+        worker.expect_error("cluster node lost its lease")
+        a.wait_for_log(r"cluster lease lost")
+        survivor.request("UNSUBSCRIBE", {"id": "1"})
+        client.request("SEND", {"destination": "/queue/jobs"}, b"after")
+        late = consumer(a, "jobs")                  # a serves again, as a new node
+        message = late.expect("MESSAGE", timeout=LEASE + TIMEOUT)
+        assert message.body == b"after"
+        late.request("ACK", {"id": message.headers["ack"]})
+        assert count_msgs(late, "jobs") == 0
+    finally:
+        for node in started:
+            node.stop(signal.SIGKILL)
+        link.close()
