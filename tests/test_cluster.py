@@ -14,7 +14,7 @@ import urllib.parse
 import pytest
 
 import postgres
-from conftest import TIMEOUT, BrokerProcess, RawClient, count_msgs
+from conftest import ROOT, TIMEOUT, BrokerProcess, RawClient, count_msgs
 from test_cli import run_pymq
 
 LEASE = 2.0         # --lease-timeout of the test nodes: failover within seconds
@@ -534,6 +534,28 @@ def test_a_peek_from_one_node_s_console_leaves_the_messages_to_any_node(nodes):
     for i in range(3):
         message = worker.expect("MESSAGE")
         assert message.body == b"%d" % i and "redelivered" not in message.headers
+
+
+
+def test_the_readme_s_three_nodes_serve_one_queue():
+    """README's three command lines, on the test database and free ports: a message sent to
+    the first node is consumed on the third."""
+    text = (ROOT / "README.md").read_text()
+    lines = re.findall(r"^ +python pymq.py (--cluster .*) &$", text, re.M)
+    assert len(lines) == 3, lines
+    url = postgres.fresh_database_url()
+    started = []
+    try:
+        for line in lines:
+            args = line.replace("postgresql:///pymq", url).split()
+            args[args.index("--port") + 1] = "0"
+            started.append(BrokerProcess(*args, port=None))
+        client = producer(started[0])
+        client.request("SEND", {"destination": "/queue/jobs"}, b"hello")
+        assert consumer(started[2], "jobs").expect("MESSAGE").body == b"hello"
+    finally:
+        for node in started:
+            node.stop(signal.SIGKILL)
 
 
 # -- one node cut off from the database, the others not ---------------------------------------
