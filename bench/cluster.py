@@ -4,6 +4,7 @@
     python bench/cluster.py latency  [--nodes 2] [--msgs 2000]
     python bench/cluster.py failover [--rounds 5] [--lease-timeout 15]
     python bench/cluster.py stompbench --nodes N -- STOMPBENCH ARGS...
+    python bench/cluster.py table [--rounds 4] [--msgs 10000]
 
 Each run starts a throwaway PostgreSQL server (tests/postgres.py, fsync on, as a production
 server would have it) or uses --db URL, and N nodes `python pymq.py --cluster --db URL
@@ -23,6 +24,10 @@ server would have it) or uses --db URL, and N nodes `python pymq.py --cluster --
   nodes share is the database, its commits and the claims. Also printed, from PostgreSQL:
   its CPU (the server's processes, when it runs on this machine), transactions committed and
   rows written per message: the costs bench/README's scaling estimate is made of.
+
+- table: qr1, qr100 and drain (the rows bench/README's table shows) with 1, 2 and 3 nodes,
+  --rounds times, alternating, each run on a fresh database; prints the medians (and ranges)
+  as a table. --msgs is per producer.
 
 Prints `# ` lines for people and one `key=value` summary line.
 """
@@ -216,16 +221,58 @@ def run_stompbench(url, options):
     per = 1.0 / messages if messages else 0.0
     commits, rows = activity1[0] - activity0[0], activity1[1] - activity0[1]
     pg = "pg_cpu_us_per_msg=%.1f " % (1e6 * (pg1 - pg0) * per) if pg0 is not None else ""
-    print("scenario=stompbench nodes=%d msgs_per_s_total=%.0f broker_cpu_s=%.2f "
-          "broker_cpu_us_per_msg=%.1f %scommits_per_msg=%.2f rows_per_msg=%.2f "
-          "rows_per_commit=%.1f status=%s"
-          % (len(nodes), total, cpu, 1e6 * cpu * per, pg, commits * per, rows * per,
-             rows / commits if commits else 0.0, "ok" if ok else "FAILED"))
+    line = ("scenario=stompbench nodes=%d msgs_per_s_total=%.0f broker_cpu_s=%.2f "
+            "broker_cpu_us_per_msg=%.1f %scommits_per_msg=%.4f rows_per_msg=%.2f "
+            "rows_per_commit=%.1f status=%s"
+            % (len(nodes), total, cpu, 1e6 * cpu * per, pg, commits * per, rows * per,
+               rows / commits if commits else 0.0, "ok" if ok else "FAILED"))
+    print(line)
+    sys.stdout.flush()
+    return dict(re.findall(r"(\w+)=(\S+)", line))
+
+
+TABLE = {
+    "qr1": "queue-receipt --producers 4 --consumers 4 --queues 4 --msgs {msgs} --window 1 "
+           "--prefetch 100 --timeout 600",
+    "qr100": "queue-receipt --producers 4 --consumers 4 --queues 4 --msgs {msgs} --window 100 "
+             "--prefetch 100 --timeout 600",
+    "drain": "queue-drain --msgs {drain} --window 100 --prefetch 100 --timeout 600",
+}
+
+
+def table(server, options):
+    results = {}
+    runs = 0
+    for round_ in range(options.rounds):
+        for nodes in (1, 2, 3):
+            for name, args in TABLE.items():
+                runs += 1
+                print("# round %d, %d node(s), %s" % (round_ + 1, nodes, name))
+                options.nodes = nodes
+                options.args = args.format(msgs=options.msgs, drain=2 * options.msgs).split()
+                url = server.create_database("bench%d" % runs)
+                results.setdefault((name, nodes), []).append(run_stompbench(url, options))
+
+    def median(rows, key):
+        values = sorted(float(row.get(key, "nan")) for row in rows)
+        return values[len(values) // 2] if len(values) % 2 else \
+            (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2, values[0], values[-1]
+
+    print("| scenario | nodes | msg/s (range) | node CPU/msg | PostgreSQL CPU/msg | commits/msg "
+          "| rows/msg |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for (name, nodes), rows in results.items():
+        rate = median(rows, "msgs_per_s_total")
+        print("| %s | %d | %.0f (%.0f–%.0f) | %.0f µs | %.0f µs | %.3f | %.2f |"
+              % ((name, nodes) + rate + (median(rows, "broker_cpu_us_per_msg")[0],
+                                         median(rows, "pg_cpu_us_per_msg")[0],
+                                         median(rows, "commits_per_msg")[0],
+                                         median(rows, "rows_per_msg")[0])))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario", choices=("latency", "failover", "stompbench"))
+    parser.add_argument("scenario", choices=("latency", "failover", "stompbench", "table"))
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--msgs", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
@@ -238,6 +285,11 @@ def main():
     server = None
     try:
         url, options.data_dir = options.db, None
+        if options.scenario == "table":
+            import postgres
+            server = postgres.new_cluster(fsync=True)
+            options.data_dir = server.data
+            return table(server, options)
         if url is None:
             import postgres
             server = postgres.new_cluster(fsync=True)
