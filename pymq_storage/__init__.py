@@ -13,6 +13,20 @@ from .base import (DEFAULT_PRIORITY, Backend, Count, Load, Storage, StorageError
                    StoredMessage, before, now_ms)
 
 
+def import_psycopg2():
+    """The psycopg2 module. On PyPy it is psycopg2cffi (psycopg2 is CPython-only), which has
+    the same API and registers itself under psycopg2's name, so that `import psycopg2` and
+    psycogreen (through psycopg2.extensions) find it. Imported when a PostgreSQL store is
+    used, not before."""
+    try:
+        import psycopg2
+    except ImportError:
+        from psycopg2cffi import compat
+        compat.register()
+        import psycopg2
+    return psycopg2
+
+
 def open_backend(url):
     """The Backend for `url`, not opened yet."""
     if url == "memory:":

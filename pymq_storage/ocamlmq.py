@@ -37,7 +37,7 @@ from operator import itemgetter
 
 import gevent
 
-from . import without_password
+from . import import_psycopg2, without_password
 from .base import DEFAULT_PRIORITY
 
 log = logging.getLogger("pymq.ocamlmq")
@@ -113,7 +113,7 @@ class PostgreSQLTable:
     def __init__(self, url, db=None):
         self.name = "%s (table %s)" % (without_password(url), TABLE)
         if db is None:
-            import psycopg2
+            psycopg2 = import_psycopg2()
             try:
                 db = psycopg2.connect(url)
             except psycopg2.Error as error:
@@ -389,7 +389,7 @@ def _table_in_store(store):
     be reached is the store's error to report, as it would be without this look."""
     if not store.startswith(("postgresql://", "postgres://")):
         return None
-    import psycopg2
+    psycopg2 = import_psycopg2()
     try:
         db = psycopg2.connect(store)
     except psycopg2.Error:

@@ -25,6 +25,7 @@ import json
 import logging
 import re
 
+from . import import_psycopg2
 from .base import (ANYWHERE, Backend, Load, StorageError, StoredMessage, _arrive,
                    skip_scan)
 
@@ -147,7 +148,7 @@ class PostgreSQLBackend(Backend):
         self.cursor = None      # of the transaction apply() is in
 
     def _connect(self):
-        import psycopg2
+        psycopg2 = import_psycopg2()
         from psycogreen.gevent import patch_psycopg
         patch_psycopg()     # idempotent; here rather than at import: no side effects there
         db = psycopg2.connect(self.dsn)

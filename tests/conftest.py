@@ -21,7 +21,9 @@ sys.path.insert(0, str(ROOT))
 
 import pymq  # noqa: E402
 import postgres  # noqa: E402
-from pymq_storage import Storage, open_backend  # noqa: E402
+from pymq_storage import Storage, import_psycopg2, open_backend  # noqa: E402
+
+import_psycopg2()       # on PyPy: psycopg2cffi, answering to the tests' `import psycopg2`
 
 TIMEOUT = 5.0       # how long any single expected event may take
 STORE_TIMEOUT = 2.0     # how long a storage operation may take before a test calls it hung

@@ -20,6 +20,8 @@ import urllib.parse
 
 import pytest
 
+import pymq_storage
+
 _cluster = None
 _databases = itertools.count(1)
 INSTALL_HINT = ("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin "
@@ -117,7 +119,7 @@ def server_url(database):
 
 def create_database(url_of, name):
     """(Re)create database `name` on the server whose database URLs url_of() gives; its URL."""
-    import psycopg2
+    psycopg2 = pymq_storage.import_psycopg2()
     admin = psycopg2.connect(url_of("postgres"))
     admin.autocommit = True
     with admin.cursor() as cursor:
