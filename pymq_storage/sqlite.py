@@ -141,7 +141,9 @@ class SQLiteBackend(Backend):
                 raise
         db.execute(IMPORTED)
         # Only now that the file is known to be ours: the journal mode is stored in it.
-        db.execute("PRAGMA journal_mode=WAL")
+        # It answers with a row: read it, or the statement stays in progress until the cursor
+        # is freed, which on PyPy (no reference counting) is not before the first COMMIT.
+        db.execute("PRAGMA journal_mode=WAL").fetchall()
         db.execute("PRAGMA synchronous=FULL")
         stored = db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0]
         highest = db.execute("SELECT MAX(seq) FROM messages").fetchone()[0] or 0
