@@ -1934,12 +1934,30 @@ LOGIN_FAILURE_DELAY = 1.0   # seconds before a failed login's ERROR: guessing is
 RIGHTS = ("read", "write", "admin")
 
 
+def scrypt(password, salt, n, r, p, dklen, maxmem=0):
+    """hashlib.scrypt, or where hashlib has none (PyPy 3.9) the OpenSSL function it calls,
+    through ctypes. Either releases the GIL while it works."""
+    import hashlib
+    if hasattr(hashlib, "scrypt"):
+        return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, dklen=dklen, maxmem=maxmem)
+    import ctypes
+    import ctypes.util
+    libcrypto = ctypes.CDLL(ctypes.util.find_library("crypto"))
+    size, u64 = ctypes.c_size_t, ctypes.c_uint64
+    function = libcrypto.EVP_PBE_scrypt
+    function.argtypes = [ctypes.c_char_p, size, ctypes.c_char_p, size, u64, u64, u64, u64,
+                         ctypes.c_char_p, size]
+    key = ctypes.create_string_buffer(dklen)
+    if function(password, len(password), salt, len(salt), n, r, p, maxmem, key, dklen) != 1:
+        raise ValueError("scrypt: invalid parameters or out of memory")
+    return key.raw
+
+
 def hash_password(password, salt=None):
     """'scrypt$N$R$P$SALT$HASH' (base64), the form a users file holds."""
     import base64
-    import hashlib
     salt = salt or os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **SCRYPT)
+    digest = scrypt(password.encode(), salt, dklen=32, **SCRYPT)
     return "scrypt$%d$%d$%d$%s$%s" % (SCRYPT["n"], SCRYPT["r"], SCRYPT["p"],
                                       base64.b64encode(salt).decode(),
                                       base64.b64encode(digest).decode())
@@ -1974,8 +1992,8 @@ def verify_password(password, encoded):
     if parts[0] == "scrypt":
         n, r, p = (int(x) for x in parts[1:4])
         salt, expected = base64.b64decode(parts[4]), base64.b64decode(parts[5])
-        digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p,
-                                dklen=len(expected), maxmem=256 * n * r + (1 << 20))
+        digest = scrypt(password.encode(), salt, n, r, p, len(expected),
+                        maxmem=256 * n * r + (1 << 20))
     else:
         iterations = int(parts[1])
         # Django keeps the salt as text and the hash in base64.

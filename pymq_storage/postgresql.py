@@ -396,9 +396,12 @@ class PostgreSQLBackend(Backend):
         return [_message(row) for row in self.cursor.fetchall()]
 
     def is_transient(self, error):
-        """The database went away (restart, network cut): worth retrying the batch."""
+        """The database went away (restart, network cut): worth retrying the batch. psycopg2
+        says so with OperationalError; psycopg2cffi (PyPy) with a plain DatabaseError, after
+        which the connection could not even roll back (_discard dropped it)."""
         import psycopg2
-        return isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError))
+        return isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError)) or (
+            isinstance(error, psycopg2.DatabaseError) and self.db is None)
 
     def close(self):
         if self.db is not None and not self.db.closed:

@@ -79,7 +79,7 @@ def _check_directory(path):
     if not os.path.isdir(directory):
         raise OSError("cannot create %s: %s is not a directory" % (path, directory))
     if not os.access(directory, os.W_OK | os.X_OK):
-        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+        if os.statvfs(directory).f_flag & getattr(os, "ST_RDONLY", 1):   # not in PyPy's os
             why = "it is on a read-only filesystem"
         else:
             why = "not by this user (uid %d)" % os.geteuid()

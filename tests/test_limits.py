@@ -211,6 +211,9 @@ def test_closed_connections_leave_no_reference_cycles(start_broker):
     consume, leave transactions open, break the protocol or vanish, no broker object may be
     left for the cyclic collector to find."""
     import gc
+    if not hasattr(gc, "set_debug"):
+        pytest.skip("PyPy has no reference counting: its collector frees every object, "
+                    "cycles or not")
     broker = start_broker()
 
     sessions = itertools.count()
