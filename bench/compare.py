@@ -3,12 +3,16 @@
 
 Standard library only. pymq is started by the script, once per scenario, with its default
 durable configuration (SQLite, `pymq.db` in a fresh temporary directory). Other brokers are
-the ones you point at (they must already be running, on loopback for a fair comparison):
+the ones you point at (they must already be running, on loopback for a fair comparison).
+--runtime NAME=PYTHON (repeatable) makes one pymq column per Python interpreter instead of
+one with this script's (a venv's python with pymq's requirements installed):
 
     python bench/compare.py                                         # pymq only
     python bench/compare.py --broker rabbitmq=127.0.0.1:61613:guest:guest
     python bench/compare.py --broker activemq=127.0.0.1:61614 --detect
     python bench/compare.py --stompbench /tmp/stompbench/release/stompbench   # Rust client
+    python bench/compare.py --stompbench PATH --runtime cpython=python3 \
+        --runtime pypy=/opt/pymq-pypy/bin/python --repeat 3      # pymq on CPython and PyPy
 
 The load generator is bench/stompload.py (Python), or, for the pymq column, the Rust
 stompbench with --stompbench PATH. A broker NAME starting with `rabbitmq` gets
@@ -59,12 +63,18 @@ SCENARIOS = [
     ("topic-fanout", "topic-fanout W=100: {msgs} msgs to {subscribers} subscribers "
      "(deliveries/s)",
      "topic-fanout", dict(subscribers=10, msgs=50000, window=100)),
+    # stompbench only: every connection its own wake-up (one SEND with a receipt a second)
+    ("connections", "connections: {conns} connections x 1 SEND/s for {duration} s, "
+     "round trip p50 / p99 ms",
+     "connections", dict(conns=10000, interval_ms=1000, duration=20, connect_parallel=50,
+                         io="epoll")),
 ]
 
 
 class Broker:
-    def __init__(self, name, host=None, port=None, login=None, passcode=None):
+    def __init__(self, name, host=None, port=None, login=None, passcode=None, python=None):
         self.name, self.host, self.port = name, host, port
+        self.python = python or sys.executable      # pymq's interpreter (managed only)
         self.login, self.passcode = login, passcode
         self.managed = host is None                 # pymq, started by this script
         kind = name.lower()
@@ -88,10 +98,18 @@ class Broker:
 
     def describe(self):
         if self.managed:
-            return "pymq (started by this script per scenario: SQLite pymq.db in a temp dir)"
+            return ("pymq on %s (started by this script per scenario: SQLite pymq.db in a "
+                    "temp dir)" % self.python)
         extra = {"rabbitmq": ", persistent:true, prefetch-count",
                  "activemq": ", persistent:true, activemq.prefetchSize"}.get(self.flavor, "")
         return "%s at %s:%d%s" % (self.name, self.host, self.port, extra)
+
+
+def parse_runtime(text):
+    name, _, python = text.partition("=")
+    if not name or not python:
+        raise argparse.ArgumentTypeError("expected NAME=PYTHON, got %r" % text)
+    return Broker(name, python=python)
 
 
 def parse_broker(text):
@@ -145,11 +163,11 @@ def log(text):
 class Pymq:
     """python pymq.py --port 0 in a fresh temporary directory (SQLite pymq.db there)."""
 
-    def __init__(self, pymq, extra_args, timeout=60):
+    def __init__(self, python, pymq, extra_args, timeout=60):
         self.dir = tempfile.mkdtemp(prefix="pymq-compare-")
         self.log_path = os.path.join(self.dir, "broker.log")
         self.log_file = open(self.log_path, "w")
-        cmd = [sys.executable, pymq, "--port", "0"] + list(extra_args)
+        cmd = [python, pymq, "--port", "0"] + list(extra_args)
         self.proc = subprocess.Popen(cmd, cwd=self.dir, stdin=subprocess.DEVNULL,
                                      stdout=self.log_file, stderr=subprocess.STDOUT)
         end = time.monotonic() + timeout
@@ -204,13 +222,15 @@ def parse_summary(stdout):
 
 def scaled(options, scenario):
     params = dict(scenario[3])
-    params["msgs"] = max(1, int(round(params["msgs"] * options.scale)))
+    key = "msgs" if "msgs" in params else "conns"
+    params[key] = max(1, int(round(params[key] * options.scale)))
     return params
 
 
 def label(options, scenario):
     values = scaled(options, scenario)
-    return scenario[1].format(**{k: "{:,}".format(v) for k, v in values.items()})
+    return scenario[1].format(**{k: "{:,}".format(v) if isinstance(v, int) else v
+                                 for k, v in values.items()})
 
 
 def run_one(options, broker, scenario, host, port, broker_pid):
@@ -222,13 +242,16 @@ def run_one(options, broker, scenario, host, port, broker_pid):
         if command == "queue-drain":
             cmd += ["--settle", "1"]
         tool = "stompbench"
+    elif command == "connections":
+        return {"status": "skipped", "msgs_per_s": "0", "tool": "stompload", "run_s": "0",
+                "problem": "connections: stompbench only (--stompbench)"}
     else:
         cmd = [sys.executable, STOMPLOAD, command, "--host", host, "--port", str(port),
                "--broker-pid", str(broker_pid or "auto"), "--timeout", "%d" % options.timeout]
         cmd += broker.stompload_options()
         tool = "stompload"
     for name, value in params.items():
-        cmd += ["--" + name, str(value)]
+        cmd += ["--" + name.replace("_", "-"), str(value)]
     started = time.monotonic()
     try:
         result = subprocess.run(cmd, capture_output=True, text=True,
@@ -256,7 +279,7 @@ def run_scenario(options, broker, scenario):
     summaries = []
     for _ in range(options.repeat):
         if broker.managed:
-            server = Pymq(options.pymq, options.pymq_arg)
+            server = Pymq(broker.python, options.pymq, options.pymq_arg)
             try:
                 summary = run_one(options, broker, scenario, "127.0.0.1", server.port,
                                   server.proc.pid)
@@ -297,6 +320,9 @@ def machine():
 
 
 def fmt_rate(summary):
+    if summary.get("scenario") == "connections" or summary.get("rtt_p99_ms"):
+        text = "%s / %s ms" % (fmt(summary, "p50_ms"), fmt(summary, "p99_ms"))
+        return text if summary.get("status") == "ok" else text + " FAILED"
     try:
         text = "{:,}".format(int(float(summary.get("msgs_per_s", "0"))))
     except ValueError:
@@ -311,6 +337,15 @@ def fmt(summary, key):
     if value is None or value == "na":
         return "–"
     return value
+
+
+def cpu_per_message(summary):
+    """Broker CPU per delivered message (topic-fanout: per delivery), µs."""
+    try:
+        count = float(summary.get("delivered") or summary.get("msgs") or summary["sent"])
+        return "%.0f" % (1e6 * float(summary["broker_cpu_s"]) / count)
+    except (KeyError, ValueError, ZeroDivisionError):
+        return "–"
 
 
 def report(options, brokers, results, argv, started, elapsed):
@@ -345,8 +380,8 @@ def report(options, brokers, results, argv, started, elapsed):
                "means the client sets the pace):")
     out.append("")
     out.append("| scenario | broker | msgs/s | p50 ms | p99 ms | lost | dup | client CPU % "
-               "| busiest client proc % | broker CPU % | status |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+               "| busiest client proc % | broker CPU % | broker CPU µs/msg | status |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for scenario in SCENARIOS:
         if scenario[0] not in options.only:
             continue
@@ -356,10 +391,10 @@ def report(options, brokers, results, argv, started, elapsed):
             if broker_cpu is None and s.get("broker_cpu_s") not in (None, "na") \
                     and s.get("wall_s"):
                 broker_cpu = "%.1f" % (100 * float(s["broker_cpu_s"]) / float(s["wall_s"]))
-            out.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            out.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
                 scenario[0], b.name, fmt(s, "msgs_per_s"), fmt(s, "p50_ms"), fmt(s, "p99_ms"),
                 fmt(s, "lost"), fmt(s, "dup"), fmt(s, "client_cpu_pct"),
-                fmt(s, "client_proc_pct_max"), broker_cpu or "–",
+                fmt(s, "client_proc_pct_max"), broker_cpu or "–", cpu_per_message(s),
                 s.get("status", "?") + ("" if s.get("tool") == "stompload" else
                                         " (" + s.get("tool", "?") + ")")))
     problems = [(b.name, scenario[0], results[(b.name, scenario[0])]["problem"])
@@ -383,6 +418,10 @@ def main(argv=None):
     parser.add_argument("--detect", action="store_true",
                         help="also use a RabbitMQ or ActiveMQ found on 127.0.0.1:61613")
     parser.add_argument("--no-pymq", action="store_true", help="leave pymq out")
+    parser.add_argument("--runtime", action="append", type=parse_runtime, default=[],
+                        metavar="NAME=PYTHON",
+                        help="a pymq column run by this interpreter (repeatable); default: "
+                             "one column, this script's interpreter")
     parser.add_argument("--pymq", default=os.path.join(ROOT, "pymq.py"),
                         help="pymq.py to start (%(default)s)")
     parser.add_argument("--pymq-arg", action="append", default=[], metavar="ARG",
@@ -409,7 +448,7 @@ def main(argv=None):
     if options.stompbench and not os.access(options.stompbench, os.X_OK):
         parser.error("--stompbench %s is not an executable" % options.stompbench)
 
-    brokers = [] if options.no_pymq else [Broker("pymq")]
+    brokers = [] if options.no_pymq else options.runtime or [Broker("pymq")]
     brokers += options.broker
     if options.detect:
         found = detect()
