@@ -474,9 +474,9 @@ def test_delayed_messages_survive_kill9_and_fall_due_while_down(new_store, broke
     db = new_store()
     broker = broker_process("--db", db)
     c = raw(broker)
+    sent_at = time.monotonic()      # before the SEND: its delay runs from when the broker got it
     send(c, "sleepy", "while-down", delay="200")
     send(c, "sleepy", "after-start", delay="3000")
-    sent_at = time.monotonic()
     broker.proc.kill()
     broker.proc.wait(WAIT)
     c.close()
