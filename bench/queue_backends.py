@@ -31,9 +31,9 @@ SCENARIOS = [
 ]
 
 
-def start_broker(db, workdir):
+def start_broker(db, workdir, python=sys.executable):
     try:
-        return launch_broker([sys.executable, os.path.join(ROOT, "pymq.py"), "--port", "0",
+        return launch_broker([python, os.path.join(ROOT, "pymq.py"), "--port", "0",
                               "--heart-beat", "0,0", "--db", db], cwd=workdir)
     except BenchError as error:
         raise SystemExit(str(error))
