@@ -2624,6 +2624,8 @@ class Connection:
             message.sender = self
         self._receipts.append((after, message, frame, headers["receipt-id"]))
         if after is not None:
+            if message is None or not message.deliveries:
+                self.broker.storage.awaited(after)      # no ACK will settle this one first
             after.done.rawlink(self.receipts_ready)
 
     def receipts_ready(self, _event=None):

@@ -317,6 +317,26 @@ def test_delete_while_insert_pending_cancels_it(store):
     assert batch.done.is_set() and batch.error is None
 
 
+def test_a_batch_holds_for_acks_unless_somebody_waits_for_it(open_store, durable_url):
+    """Inserts that nobody waits for (their messages are out to consumers) wait up to
+    HOLD_FOR_ACKS before the commit: an ACK in that time cancels the write. Once somebody
+    waits (Storage.awaited: a RECEIPT no ACK will settle), the batch starts at once."""
+    store = open_store(durable_url)
+    held, batch = put(store)
+    gevent.sleep(0)                         # the committer takes it, and holds
+    store.delete(held.seq)                  # the consumer's ACK
+    within(batch.wait)
+    assert store.stats["cancelled"] == 1 and store.stats["inserts"] == 0
+    awaited, batch = put(store)
+    store.awaited(batch)
+    gevent.sleep(0)                         # the committer takes it, and applies it
+    store.delete(awaited.seq)               # too late to cancel: a delete of its own
+    within(batch.wait)
+    assert store.stats["cancelled"] == 1 and store.stats["inserts"] == 1
+    within(store.flush)
+    assert count(store) == 0
+
+
 def test_cancelled_save_batch_still_completes(store):
     """The save's batch must complete without error even if the cancelled insert was all it
     held (the waiter of that save must not block forever)."""
