@@ -72,7 +72,7 @@ SEQ_RESERVATION = 100000
 BLOCK_AGE = 1.0         # seconds a cluster node uses a block of seqs at most (see new_message)
 # A batch nobody waits for yet, whose inserts are of messages already delivered to consumers,
 # waits this long for their ACKs, which cancel the inserts (and their deletes): at W=1 with
-# consumers keeping up, 2 ms took commits from one per 12 messages to one per 55 (bench/README).
+# consumers keeping up, 2 ms took commits from one per 11 messages to one per 50 (bench/README).
 HOLD_FOR_ACKS = 0.002
 LEASE_SAFETY = 0.8      # a cluster node stops delivering this far into its lease: the rest
                         # covers clocks that run at different rates

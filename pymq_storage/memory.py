@@ -14,6 +14,7 @@ from .base import Backend, Count
 
 class MemoryBackend(Backend):
     hold_for_acks = False       # applying a batch costs next to nothing
+
     def __init__(self):
         self.messages = {}      # seq -> StoredMessage, as stored
         self.ready = {}         # queue -> {seq: StoredMessage} of those with due 0
