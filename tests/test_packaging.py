@@ -3,9 +3,9 @@ installed in a fresh virtualenv, run by that venv's `pymq` command alone; and wh
 conf/pymq.service relies on.
 
 The venvs see the system's site-packages, or those of the venv the tests run in (gevent,
-psycopg2, ... are reused: nothing is downloaded) but not the checkout: everything runs in temporary directories, builds work on a
-copy (so that the checkout gets no build/ or *.egg-info), without build isolation, and pip runs
-without an index: offline."""
+psycopg2, ... are reused: nothing is downloaded) but not the checkout: everything runs in
+temporary directories, builds work on a copy (so that the checkout gets no build/ or
+*.egg-info), without build isolation, and pip runs without an index: offline."""
 
 import os
 import re
