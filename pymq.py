@@ -46,6 +46,7 @@ import collections
 import configparser
 import difflib
 import fnmatch
+import functools
 import heapq
 import hmac
 import itertools
@@ -1941,16 +1942,23 @@ def scrypt(password, salt, n, r, p, dklen, maxmem=0):
     if hasattr(hashlib, "scrypt"):
         return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, dklen=dklen, maxmem=maxmem)
     import ctypes
-    import ctypes.util
-    libcrypto = ctypes.CDLL(ctypes.util.find_library("crypto"))
-    size, u64 = ctypes.c_size_t, ctypes.c_uint64
-    function = libcrypto.EVP_PBE_scrypt
-    function.argtypes = [ctypes.c_char_p, size, ctypes.c_char_p, size, u64, u64, u64, u64,
-                         ctypes.c_char_p, size]
     key = ctypes.create_string_buffer(dklen)
-    if function(password, len(password), salt, len(salt), n, r, p, maxmem, key, dklen) != 1:
+    if _openssl_scrypt()(password, len(password), salt, len(salt), n, r, p, maxmem, key,
+                         dklen) != 1:
         raise ValueError("scrypt: invalid parameters or out of memory")
     return key.raw
+
+
+@functools.lru_cache(maxsize=None)
+def _openssl_scrypt():
+    """libcrypto's EVP_PBE_scrypt, looked up once (find_library runs ldconfig)."""
+    import ctypes
+    import ctypes.util
+    size, u64 = ctypes.c_size_t, ctypes.c_uint64
+    function = ctypes.CDLL(ctypes.util.find_library("crypto")).EVP_PBE_scrypt
+    function.argtypes = [ctypes.c_char_p, size, ctypes.c_char_p, size, u64, u64, u64, u64,
+                         ctypes.c_char_p, size]
+    return function
 
 
 def hash_password(password, salt=None):

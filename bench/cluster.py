@@ -37,6 +37,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -254,9 +255,8 @@ def table(server, options):
                 results.setdefault((name, nodes), []).append(run_stompbench(url, options))
 
     def median(rows, key):
-        values = sorted(float(row.get(key, "nan")) for row in rows)
-        return values[len(values) // 2] if len(values) % 2 else \
-            (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2, values[0], values[-1]
+        values = [float(row.get(key, "nan")) for row in rows]
+        return statistics.median(values), min(values), max(values)
 
     print("| scenario | nodes | msg/s (range) | node CPU/msg | PostgreSQL CPU/msg | commits/msg "
           "| rows/msg |")

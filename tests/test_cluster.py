@@ -66,8 +66,7 @@ def test_a_message_sent_to_one_node_is_consumed_on_another(nodes):
     a, b = nodes(2)
     producer = RawClient(a.address)
     producer.connect("1.2")
-    for i in range(20):                             # stored before anyone consumes
-        producer.request("SEND", {"destination": "/queue/jobs"}, b"%d" % i)
+    send_jobs(producer, 20)         # stored before anyone consumes
     worker = consumer(b, "jobs", prefetch=100)
     messages = [worker.expect("MESSAGE") for _ in range(20)]
     assert [m.body for m in messages] == [b"%d" % i for i in range(20)]   # in order
@@ -138,8 +137,7 @@ def test_kill_9_a_node_its_messages_go_to_the_others_marked_redelivered(nodes):
     producer = RawClient(b.address)
     producer.connect("1.2")
     doomed = consumer(a, "jobs", prefetch=5)        # takes 5 and never ACKs
-    for i in range(10):
-        producer.request("SEND", {"destination": "/queue/jobs"}, b"%d" % i)
+    send_jobs(producer, 10)
     held = {doomed.expect("MESSAGE").body for _ in range(5)}
     survivor = consumer(b, "jobs", prefetch=100)
     others = set()
@@ -169,8 +167,7 @@ def test_a_paused_node_never_delivers_what_another_took(nodes):
     producer = RawClient(b.address)
     producer.connect("1.2")
     paused_worker = consumer(a, "jobs", prefetch=3)
-    for i in range(6):
-        producer.request("SEND", {"destination": "/queue/jobs"}, b"%d" % i)
+    send_jobs(producer, 6)
     held = {paused_worker.expect("MESSAGE").body for _ in range(3)}
     a.proc.send_signal(signal.SIGSTOP)
     survivor = consumer(b, "jobs", prefetch=100)
@@ -303,6 +300,14 @@ def producer(node):
     return client
 
 
+def send_jobs(client, count):
+    """SEND b"0", b"1", ... to /queue/jobs, each receipted; the bodies."""
+    bodies = [b"%d" % i for i in range(count)]
+    for body in bodies:
+        client.request("SEND", {"destination": "/queue/jobs"}, body)
+    return bodies
+
+
 def taken_on(node, headers, body):
     """A message SENT to `node` and delivered to a consumer there (prefetch 1): (producer,
     consumer, MESSAGE)."""
@@ -413,8 +418,7 @@ def test_a_nack_requeue_false_on_another_node_dead_letters_it(nodes):
 def test_purge_and_move_from_one_node_leave_what_another_has_in_flight(nodes, control):
     a, b = nodes(2)
     client = producer(b)            # stored by b: ids of b's block, above a's
-    for i in range(10):
-        client.request("SEND", {"destination": "/queue/jobs"}, b"%d" % i)
+    send_jobs(client, 10)
     holder = consumer(b, "jobs", prefetch=3)        # takes three, ACKs none yet
     held = [holder.expect("MESSAGE") for _ in range(3)]
     admin = producer(a)
@@ -474,9 +478,7 @@ def test_nodes_cut_off_from_the_database_past_their_lease_fence_themselves_and_s
             started.append(node_process(name, url))
         a, b = started
         client = producer(a)
-        sent = [b"%d" % i for i in range(10)]
-        for body in sent:
-            client.request("SEND", {"destination": "/queue/jobs"}, body)
+        sent = send_jobs(client, 10)
         holders = [consumer(node, "jobs", prefetch=3) for node in (a, b)]
         held = [holder.expect("MESSAGE").body for holder in holders for _ in range(3)]
         assert len(set(held)) == 6
@@ -524,8 +526,7 @@ def test_a_peek_from_one_node_s_console_leaves_the_messages_to_any_node(nodes):
     found = [re.search(pattern, line) for line in a.log]
     base = next((m for m in found if m), None) or a.wait_for_log(pattern)
     client = producer(a)
-    for i in range(3):
-        client.request("SEND", {"destination": "/queue/jobs"}, b"%d" % i)
+    send_jobs(client, 3)
     with urllib.request.urlopen(base.group(1) + "api/queue?name=jobs&peek=10",
                                 timeout=TIMEOUT) as response:
         peeked = json.load(response)["messages"]
@@ -646,9 +647,7 @@ def test_a_node_cut_off_alone_delivers_nothing_another_took_and_serves_again(fau
             started.append(node_process(name, db))
         a, b = started
         client = producer(b)
-        sent = [b"%d" % i for i in range(6)]
-        for body in sent:
-            client.request("SEND", {"destination": "/queue/jobs"}, body)
+        sent = send_jobs(client, 6)
         worker = consumer(a, "jobs", prefetch=3)
         held = [worker.expect("MESSAGE") for _ in range(3)]
         getattr(link, fault)()
