@@ -71,9 +71,12 @@ DEFAULT_PRIORITY = 4
 SEQ_RESERVATION = 100000
 BLOCK_AGE = 1.0         # seconds a cluster node uses a block of seqs at most (see new_message)
 # A batch nobody waits for yet, whose inserts are of messages already delivered to consumers,
-# waits this long for their ACKs, which cancel the inserts (and their deletes): at W=1 with
-# consumers keeping up, 2 ms took commits from one per 11 messages to one per 50 (bench/README).
+# waits until the oldest of them has waited this long for its ACK, which cancels the insert
+# (and its delete): at W=1 with consumers keeping up, most messages are never written
+# (Storage._hold, bench/README).
 HOLD_FOR_ACKS = 0.002
+# ... and deletes and delivery counts nobody waits for ride along in it for up to this long.
+HOLD_OTHERS = 0.02
 LEASE_SAFETY = 0.8      # a cluster node stops delivering this far into its lease: the rest
                         # covers clocks that run at different rates
 
@@ -1052,22 +1055,47 @@ class Storage:
                 self._wake.set()
 
     def _hold(self):
-        """Let the pending batch wait up to HOLD_FOR_ACKS while all it would write is inserts
-        of messages already delivered (a SEND's RECEIPT waits for the ACK or the commit,
-        whichever comes first: Storage.awaited() says when one cannot count on an ACK) and
-        what rides along (deletes, counts): the ACKs that arrive meanwhile cancel those
-        inserts. Anything else ends the hold at once: a read, an operation, a receipt or a
-        flush that waits, the memory budget, a close."""
+        """Let the pending batch wait while all it would write is inserts of messages already
+        delivered (a SEND's RECEIPT waits for the ACK or the commit, whichever comes first:
+        Storage.awaited() says when one cannot count on an ACK) and what rides along
+        (deletes, counts): the ACKs that arrive meanwhile cancel those inserts. It waits until
+        its oldest insert not yet cancelled has waited HOLD_FOR_ACKS (by a clock read every
+        half of it, so up to half as long again), or its first delete or count HOLD_OTHERS.
+        Anything else ends the hold at once: a read, an operation, a receipt or a flush that
+        waits, the memory budget, a close."""
         batch = self._pending
-        if (batch.inserts and self.backend.hold_for_acks and not self._closing
+        if not (batch.inserts and self._may_hold(batch)):
+            return
+        self._urgent.clear()
+        oldest = since = others_since = None
+        while True:
+            now = time.monotonic()
+            first = next(iter(batch.inserts), None)   # the oldest: dicts keep insertion order
+            if first is None:
+                deadline = None
+            else:
+                if first != oldest:
+                    oldest, since = first, now
+                deadline = since + HOLD_FOR_ACKS
+            if batch.deletes or batch.updates:
+                if others_since is None:
+                    others_since = now
+                if deadline is None or others_since + HOLD_OTHERS < deadline:
+                    deadline = others_since + HOLD_OTHERS
+            if deadline is None or now >= deadline or not self._may_hold(batch):
+                return      # (every insert cancelled and nothing else: an empty batch)
+            if self._urgent.wait(min(deadline - now, HOLD_FOR_ACKS / 2)):
+                return
+
+    def _may_hold(self, batch):
+        """Whether nothing in `batch` forbids holding it for ACKs (see _hold)."""
+        return (self.backend.hold_for_acks and not self._closing
                 and not (batch.awaited or batch.reads or batch.ops or batch.probes
                          or batch.next_seq is not None or batch.notices)
                 # A cluster's free messages are for the other nodes: they hear of them after
                 # the commit.
                 and (not self.backend.cluster
-                     or (batch.owned is not None and batch.inserts.keys() <= batch.owned))):
-            self._urgent.clear()
-            self._urgent.wait(HOLD_FOR_ACKS)
+                     or (batch.owned is not None and batch.inserts.keys() <= batch.owned)))
 
     def _commit(self):
         """Apply the pending batch; wake its waiters, run its callbacks."""

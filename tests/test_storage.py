@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 
 from pymq_storage import (Backend, Storage, StorageError, StoredMessage, now_ms, open_backend,
                           open_storage)
+import pymq_storage.base
 from pymq_storage.base import Histogram
 from conftest import STORE_TIMEOUT as TIMEOUT, shutdown, within
 from pymq_storage.memory import MemoryBackend
@@ -335,6 +336,30 @@ def test_a_batch_holds_for_acks_unless_somebody_waits_for_it(open_store, durable
     assert store.stats["cancelled"] == 1 and store.stats["inserts"] == 1
     within(store.flush)
     assert count(store) == 0
+
+
+def test_a_hold_lasts_while_each_insert_is_acked_in_time(open_store, durable_url, monkeypatch):
+    """The hold counts from the oldest insert not yet ACKed, not from the batch's start: a
+    stream of messages, each ACKed within HOLD_FOR_ACKS, is never written however long it
+    lasts (at W=1 there is always a message in flight); one left unACKed is, once it has
+    waited HOLD_FOR_ACKS. (The hold lengthened, so that the steps of the stream have room.)"""
+    monkeypatch.setattr(pymq_storage.base, "HOLD_FOR_ACKS", 0.2)
+    store = open_store(durable_url)
+    previous, batch = put(store)
+    gevent.sleep(0)                         # the committer takes it, and holds
+    started = time.monotonic()
+    for _ in range(4):                      # twice the hold in all, each message half of it
+        gevent.sleep(0.1)
+        message, _ = put(store)
+        store.delete(previous.seq)          # its ACK
+        previous = message
+    assert time.monotonic() - started >= 0.4
+    assert not batch.done.is_set() and store.stats["inserts"] == 0
+    acked = time.monotonic()
+    within(batch.wait)                      # the last one is never ACKed: written
+    assert time.monotonic() - acked >= 0.1
+    assert store.stats["inserts"] == 1 and store.stats["cancelled"] == 4
+    assert count(store) == 1
 
 
 def test_cancelled_save_batch_still_completes(store):
