@@ -167,7 +167,9 @@ class Pymq:
         self.dir = tempfile.mkdtemp(prefix="pymq-compare-")
         self.log_path = os.path.join(self.dir, "broker.log")
         self.log_file = open(self.log_path, "w")
-        cmd = [python, pymq, "--port", "0"] + list(extra_args)
+        # PYTHON may carry words before it, e.g. "env PYPY_GC_NURSERY=64MB pypy3" (env execs:
+        # the pid stays the broker's).
+        cmd = shlex.split(python) + [pymq, "--port", "0"] + list(extra_args)
         self.proc = subprocess.Popen(cmd, cwd=self.dir, stdin=subprocess.DEVNULL,
                                      stdout=self.log_file, stderr=subprocess.STDOUT)
         end = time.monotonic() + timeout
