@@ -2725,8 +2725,11 @@ class Connection:
         # heap: the 10-minute soak grew RSS 10-14 % with flat live memory.)
         buffer = self.broker.recv_buffer
         drained = False             # stays so over TLS: decrypted bytes may wait in the SSL object
+        timeout = False             # what settimeout() was given last (False: not yet)
         while not self.closing:
-            sock.settimeout(self._read_timeout())
+            last, timeout = timeout, self._read_timeout()
+            if timeout != last:     # between frames with no deadline: None, again and again
+                sock.settimeout(timeout)
             try:
                 if drained:
                     # The last read emptied the socket: wait for data first rather than let
@@ -2760,6 +2763,8 @@ class Connection:
 
     def _read_timeout(self):
         """Seconds until the nearest reading deadline; raise ProtocolError if one has passed."""
+        if self.version is not None and self._frame_started is None and not self.recv_interval:
+            return None         # the common case: between frames, no heart-beats
         opts = self.broker.options
         deadlines = []
         if self.version is None:
