@@ -163,6 +163,27 @@ def test_run_line_serves_and_exits_cleanly_on_signal(broker_process, signum):
     assert not any("Traceback" in line for line in broker.log)
 
 
+def test_on_pypy_the_command_line_sets_a_larger_nursery(broker_process):
+    """On PyPy, pymq starts itself again (exec: the same process) with PYPY_GC_NURSERY=64MB,
+    unless the environment sets one, which it keeps; CPython's is left alone."""
+    def nursery(broker):
+        with open("/proc/%d/environ" % broker.proc.pid, "rb") as f:
+            variables = dict(entry.split(b"=", 1) for entry in f.read().split(b"\0")
+                             if b"=" in entry)
+        value = variables.get(b"PYPY_GC_NURSERY")
+        return value.decode() if value is not None else None
+
+    env = {name: value for name, value in os.environ.items() if name != "PYPY_GC_NURSERY"}
+    broker = broker_process("--db", "memory:", env=env)
+    assert nursery(broker) == ("64MB" if sys.implementation.name == "pypy" else None)
+    client = RawClient(broker.address)
+    client.connect("1.2")
+    client.request("SEND", {"destination": "/queue/q"}, b"job")
+    given = broker_process("--db", "memory:", env=dict(env, PYPY_GC_NURSERY="8MB"))
+    assert nursery(given) == "8MB"
+    assert broker.stop() == 0 and given.stop() == 0
+
+
 def test_config_file_and_the_command_line_wins(broker_process, tmp_path):
     config = tmp_path / "pymq.conf"
     config.write_text("[pymq]\nlogin = alice\npasscode = s3cret\nmax-headers = 7\n")
