@@ -2763,8 +2763,6 @@ class Connection:
 
     def _read_timeout(self):
         """Seconds until the nearest reading deadline; raise ProtocolError if one has passed."""
-        if self.version is not None and self._frame_started is None and not self.recv_interval:
-            return None         # the common case: between frames, no heart-beats
         opts = self.broker.options
         deadlines = []
         if self.version is None:

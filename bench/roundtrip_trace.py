@@ -21,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pymq  # noqa: E402
+from stompload import percentile  # noqa: E402   (bench/ is on sys.path when run)
 
 SLOW_MS = 50
 
@@ -29,9 +30,9 @@ def percentiles(name, values):
     values = sorted(values)
     if not values:
         return "%s: none" % name
-    n = len(values)
     return "%s: n=%d p50=%.2f ms p99=%.2f ms p99.9=%.2f ms max=%.2f ms" % (
-        name, n, values[n // 2], values[int(n * 0.99)], values[int(n * 0.999)], values[-1])
+        name, len(values), percentile(values, 0.5), percentile(values, 0.99),
+        percentile(values, 0.999), values[-1])
 
 
 def main():
@@ -89,8 +90,7 @@ def main():
               % (SLOW_MS, sorted(slow.items())), file=sys.stderr)
 
     atexit.register(report)
-    sys.argv = [sys.argv[0]] + args
-    return pymq.main(args)
+    return pymq.main(args)      # given arguments: no exec for PyPy's nursery (see above)
 
 
 if __name__ == "__main__":

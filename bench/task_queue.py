@@ -34,6 +34,7 @@ import time
 
 from broker_process import broker_stats, launch_broker, stop_broker
 from rawstomp import BenchError, frame, stomp_connect, wait_receipt
+from stompload import percentile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHUNK = 1000            # SENDs per receipt
@@ -150,12 +151,6 @@ class RssWatch(threading.Thread):
 
 def mib(kib):
     return kib / 1024.0
-
-
-def percentile(sorted_values, fraction):
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
 
 
 # -- delayed ------------------------------------------------------------------------------------
