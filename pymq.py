@@ -4396,24 +4396,26 @@ def tune_gc():
         gc.set_threshold(*GC_THRESHOLDS)
 
 
-# PyPy's nursery, where young objects are made (a minor collection each time it fills), for the
-# command line: PyPy reads it from the environment at start-up only, and its default is half
-# the CPU's L2 cache (1 MB on the machine measured). At 64 MB, qr1 on SQLite went from ~21,000
-# to ~28,000 msg/s and 10,000 connections stopped saturating (bench/README), for ~40 MB of RSS.
-PYPY_NURSERY = "64MB"
+# PyPy's collector, for the command line (PyPy reads its settings from the environment at
+# start-up only). The nursery, where young objects are made (a minor collection each time it
+# fills): PyPy's default is half the CPU's L2 cache (1 MB on the machine measured); at 64 MB, qr1
+# on SQLite went from ~21,000 to ~28,000 msg/s and 10,000 connections stopped saturating. The
+# heap below which PyPy starts no major collection: its default is 8 times the nursery, which
+# at 64 MB let a broker under steady load grow to over 500 MB before its first one (bench/README).
+PYPY_GC = {"PYPY_GC_NURSERY": "64MB", "PYPY_GC_MIN": "64MB"}
 
 
-def set_pypy_nursery():
-    """On PyPy with no PYPY_GC_NURSERY in the environment, start again with it set: exec, so
-    the process (its pid, its descriptors) stays the same, the command line too (not the
-    interpreter's own flags)."""
+def set_pypy_gc():
+    """On PyPy with no PYPY_GC_NURSERY in the environment, start again with PYPY_GC set (what
+    the environment sets of it is kept): exec, so the process (its pid, its descriptors) stays
+    the same, the command line too (not the interpreter's own flags)."""
     if sys.implementation.name != "pypy" or "PYPY_GC_NURSERY" in os.environ:
         return
     try:
-        os.execve(sys.executable, [sys.executable] + sys.argv,
-                  dict(os.environ, PYPY_GC_NURSERY=PYPY_NURSERY))
+        os.execve(sys.executable, [sys.executable] + sys.argv, dict(PYPY_GC, **os.environ))
     except OSError as error:
-        log.warning("cannot restart with PYPY_GC_NURSERY=%s: %s", PYPY_NURSERY, error)
+        log.warning("cannot restart with %s: %s", " ".join(
+            "%s=%s" % item for item in sorted(PYPY_GC.items())), error)
 
 
 # ocamlmq's command line (its -help): single dash, the value in the next argument. Each means
@@ -4488,7 +4490,7 @@ def hash_password_command(args):
 def main(argv=None):
     from docopt import docopt     # only the command line needs it
     if argv is None:
-        set_pypy_nursery()
+        set_pypy_gc()
         argv = sys.argv[1:]
     if argv[:1] == ["hash-password"]:
         return hash_password_command(argv[1:])

@@ -163,25 +163,30 @@ def test_run_line_serves_and_exits_cleanly_on_signal(broker_process, signum):
     assert not any("Traceback" in line for line in broker.log)
 
 
-def test_on_pypy_the_command_line_sets_a_larger_nursery(broker_process):
-    """On PyPy, pymq starts itself again (exec: the same process) with PYPY_GC_NURSERY=64MB,
-    unless the environment sets one, which it keeps; CPython's is left alone."""
-    def nursery(broker):
+def test_on_pypy_the_command_line_sets_its_collector(broker_process):
+    """On PyPy, pymq starts itself again (exec: the same process) with PYPY_GC_NURSERY=64MB and
+    PYPY_GC_MIN=64MB, unless the environment sets a nursery (then it sets nothing); a
+    PYPY_GC_MIN of the environment is kept. CPython's environment is left alone."""
+    def collector(broker):
         with open("/proc/%d/environ" % broker.proc.pid, "rb") as f:
-            variables = dict(entry.split(b"=", 1) for entry in f.read().split(b"\0")
-                             if b"=" in entry)
-        value = variables.get(b"PYPY_GC_NURSERY")
-        return value.decode() if value is not None else None
+            entries = f.read().decode(errors="replace").split("\0")
+        variables = dict(entry.split("=", 1) for entry in entries if "=" in entry)
+        return {name: variables.get(name) for name in ("PYPY_GC_NURSERY", "PYPY_GC_MIN")}
 
-    env = {name: value for name, value in os.environ.items() if name != "PYPY_GC_NURSERY"}
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYPY_GC")}
+    pypy = sys.implementation.name == "pypy"
     broker = broker_process("--db", "memory:", env=env)
-    assert nursery(broker) == ("64MB" if sys.implementation.name == "pypy" else None)
+    assert collector(broker) == ({"PYPY_GC_NURSERY": "64MB", "PYPY_GC_MIN": "64MB"} if pypy
+                                 else {"PYPY_GC_NURSERY": None, "PYPY_GC_MIN": None})
     client = RawClient(broker.address)
     client.connect("1.2")
     client.request("SEND", {"destination": "/queue/q"}, b"job")
-    given = broker_process("--db", "memory:", env=dict(env, PYPY_GC_NURSERY="8MB"))
-    assert nursery(given) == "8MB"
-    assert broker.stop() == 0 and given.stop() == 0
+    own_min = broker_process("--db", "memory:", env=dict(env, PYPY_GC_MIN="32MB"))
+    assert collector(own_min) == ({"PYPY_GC_NURSERY": "64MB", "PYPY_GC_MIN": "32MB"} if pypy
+                                  else {"PYPY_GC_NURSERY": None, "PYPY_GC_MIN": "32MB"})
+    own_nursery = broker_process("--db", "memory:", env=dict(env, PYPY_GC_NURSERY="8MB"))
+    assert collector(own_nursery) == {"PYPY_GC_NURSERY": "8MB", "PYPY_GC_MIN": None}
+    assert broker.stop() == 0 and own_min.stop() == 0 and own_nursery.stop() == 0
 
 
 def test_config_file_and_the_command_line_wins(broker_process, tmp_path):

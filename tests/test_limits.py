@@ -132,7 +132,7 @@ def test_send_flood_without_receipts_stays_within_the_async_budget(broker_proces
     count = client.request("SEND", {"destination": "/control/count-msgs/queue/flood"})
     assert count.headers["num-messages"] == "2000"          # nothing dropped
     peak = max(peak, rss_kb(pid) - before)
-    # PyPy's nursery (pymq.PYPY_NURSERY) is touched page by page the first time it fills.
+    # PyPy's nursery (pymq.PYPY_GC) is touched page by page the first time it fills.
     nursery = 64 * 1024 if sys.implementation.name == "pypy" else 0
     assert peak < 64 * 1024 + nursery, "RSS grew %d kB for a 200 MB flood" % peak
     assert broker.stop() == 0
