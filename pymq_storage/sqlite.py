@@ -150,7 +150,7 @@ class SQLiteBackend(Backend):
         # queue): every db.execute() makes a cursor, and PyPy's sqlite3 (Python over cffi)
         # remembers each by a weak reference, sweeping its list every 200. With no reference
         # counting the dead ones stay until a major collection, so each sweep costs more than
-        # the last: a batch of 415,000 loads took over 20 s (bench/README).
+        # the last: a batch of 415,000 loads took over 15 s, delivering nothing (bench/README).
         self._reads = db.cursor()
         stored = db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0]
         highest = db.execute("SELECT MAX(seq) FROM messages").fetchone()[0] or 0
