@@ -1,7 +1,7 @@
 """The broker under test as a process, for the benchmark scripts (standard library only):
 launch_broker() starts a pymq command line and reads its port from the log, stop_broker()
 stops it cleanly, find_listener_pid() finds a running broker by its port, broker_stats()
-reads its RSS and CPU from /proc."""
+reads its RSS and CPU from /proc, cpu_times() its CPU as user and system."""
 
 import os
 import re
@@ -81,9 +81,14 @@ def broker_stats(pid):
     try:
         with open("/proc/%d/status" % pid) as f:
             rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return rss, cpu
+        return rss, sum(cpu_times(pid))
     except (OSError, StopIteration, ValueError):
         return None, None
+
+
+def cpu_times(pid):
+    """(user, system) CPU seconds of `pid`, from /proc; OSError if it is gone."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick

@@ -25,18 +25,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-from broker_process import launch_broker, stop_broker     # bench/ is on sys.path when run
+from broker_process import cpu_times, launch_broker, stop_broker     # bench/ is on sys.path
 from rawstomp import BenchError, FrameReader, frame
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu(pid):
-    """(user, system) CPU seconds of `pid`."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICK, int(fields[12]) / TICK
-
 
 def connect_all(port, n):
     conns = []
@@ -84,11 +74,11 @@ def disconnect(conns):
 
 
 def measure(pid, name, n, phase, conns):
-    before, started = cpu(pid), time.monotonic()
+    before, started = cpu_times(pid), time.monotonic()
     phase(conns)
     wall = time.monotonic() - started
     time.sleep(0.2)             # what the broker does after the last answer (closing sockets)
-    user, system = (b - a for a, b in zip(before, cpu(pid)))
+    user, system = (b - a for a, b in zip(before, cpu_times(pid)))
     print("%-12s %6d conns  %5.2f s  broker CPU %5.2f s (user %5.2f, system %5.2f)  "
           "%6.1f us per connection" % (name, n, wall, user + system, user, system,
                                         (user + system) / n * 1e6), flush=True)
